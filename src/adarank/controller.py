@@ -1,0 +1,146 @@
+"""The rank policy: training losses in, decisions out. No torch, no model.
+
+Every `check_every` optimizer steps after `warmup_steps`, the controller looks at the mean of the last
+`check_every` losses (the window) and decides to hold or to grow the rank by `alpha` (capped at r_max):
+
+    criterion "threshold":  grow if  mean(window) > tol                      (the original notebook)
+    criterion "plateau":    grow if  (prev_mean - mean(window)) / |prev_mean| < tol
+
+`prev_mean` is the window mean at the previous check; after a growth it is forgotten, so the plateau rule
+needs two windows at the new rank before it can grow again. A window holding a non-finite loss never
+triggers growth. In several processes the loop hands in the loss averaged over processes, so every process
+takes the same decision.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .config import CRITERIA
+
+
+@dataclass(frozen=True)
+class Decision:
+    """action: "hold" or "grow"; rank: the rank to have after this step; reason: why (for the logs)."""
+
+    action: str
+    rank: int
+    from_rank: int
+    step: int
+    window_loss: float | None = None
+    reason: str = ""
+
+    @property
+    def grow(self) -> bool:
+        return self.action == "grow"
+
+
+class RankController:
+    def __init__(
+        self,
+        r0: int = 4,
+        r_max: int = 64,
+        alpha: int = 2,
+        tol: float = 0.10,
+        check_every: int = 50,
+        warmup_steps: int = 50,
+        criterion: str = "plateau",
+        cooldown_steps: int = 0,
+        total_steps: int | None = None,
+    ) -> None:
+        if criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {list(CRITERIA)}, got {criterion!r}")
+        if not 1 <= r0 <= r_max or alpha < 1 or check_every < 1:
+            raise ValueError("need 1 <= r0 <= r_max, alpha >= 1 and check_every >= 1")
+        self.r0, self.r_max, self.alpha, self.tol = r0, r_max, alpha, tol
+        self.check_every, self.warmup_steps = check_every, warmup_steps
+        self.criterion, self.cooldown_steps = criterion, cooldown_steps
+        self.total_steps = total_steps
+        self.rank = r0
+        self.window: deque[float] = deque(maxlen=check_every)
+        self.prev_mean: float | None = None
+        self.last_growth_step: int | None = None
+        self.last_step = 0
+
+    @classmethod
+    def from_config(cls, cfg: Any, total_steps: int | None = None) -> "RankController":
+        return cls(
+            r0=cfg.r0, r_max=cfg.r_max, alpha=cfg.alpha, tol=cfg.tol, check_every=cfg.check_every,
+            warmup_steps=cfg.warmup_steps, criterion=cfg.criterion, cooldown_steps=cfg.cooldown_steps,
+            total_steps=total_steps,
+        )
+
+    def is_check_step(self, step: int) -> bool:
+        """A step where a decision may be taken: after warmup, every check_every steps, never at the last
+        step of the run (`total_steps`, when known) since a new adapter would not be trained."""
+        if self.total_steps is not None and step >= self.total_steps:
+            return False
+        return step >= self.warmup_steps and step % self.check_every == 0
+
+    def observe(self, step: int, loss: float) -> Decision:
+        """Record the training loss of optimizer step `step` (1-based) and decide."""
+        if step <= self.last_step:
+            raise ValueError(f"steps must increase: got step {step} after step {self.last_step}")
+        self.last_step = step
+        self.window.append(float(loss))
+        if not self.is_check_step(step):
+            return self._hold(step, None, "")
+        if any(not math.isfinite(x) for x in self.window):
+            self.prev_mean = None
+            return self._hold(step, None, "non-finite loss in window")
+        mean = sum(self.window) / len(self.window)
+        prev, self.prev_mean = self.prev_mean, mean
+        if self.rank >= self.r_max:
+            return self._hold(step, mean, "at r_max")
+        if self.last_growth_step is not None and step - self.last_growth_step < self.cooldown_steps:
+            return self._hold(step, mean, "cooldown")
+        if self.criterion == "threshold":
+            if mean <= self.tol:
+                return self._hold(step, mean, f"window loss {mean:.4f} <= tol {self.tol}")
+            reason = f"window loss {mean:.4f} > tol {self.tol}"
+        else:
+            if prev is None:
+                return self._hold(step, mean, "first window")
+            improvement = (prev - mean) / abs(prev) if prev != 0 else 0.0
+            if improvement >= self.tol:
+                return self._hold(step, mean, f"improvement {improvement:.4f} >= tol {self.tol}")
+            reason = f"improvement {improvement:.4f} < tol {self.tol}"
+        old, self.rank = self.rank, min(self.rank + self.alpha, self.r_max)
+        self.last_growth_step, self.prev_mean = step, None
+        return Decision("grow", self.rank, old, step, mean, reason)
+
+    def _hold(self, step: int, mean: float | None, reason: str) -> Decision:
+        return Decision("hold", self.rank, self.rank, step, mean, reason)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "settings": {
+                "r0": self.r0, "r_max": self.r_max, "alpha": self.alpha, "tol": self.tol,
+                "check_every": self.check_every, "warmup_steps": self.warmup_steps,
+                "criterion": self.criterion, "cooldown_steps": self.cooldown_steps,
+                "total_steps": self.total_steps,
+            },
+            "rank": self.rank,
+            "window": list(self.window),
+            "prev_mean": self.prev_mean,
+            "last_growth_step": self.last_growth_step,
+            "last_step": self.last_step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.__init__(**state["settings"])
+        self.rank = state["rank"]
+        self.window.extend(state["window"])
+        self.prev_mean = state["prev_mean"]
+        self.last_growth_step = state["last_growth_step"]
+        self.last_step = state["last_step"]
+
+
+def decision_record(d: Decision) -> dict[str, Any]:
+    """The rank_events.jsonl record of a decision."""
+    rec = asdict(d)
+    rec["to_rank"] = rec.pop("rank")
+    return rec

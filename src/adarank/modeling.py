@@ -1,0 +1,134 @@
+"""Load a base model and tokenizer, check them, wrap with PEFT LoRA; save and reload a run's model."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .surgery import MERGED_DELTA_ATTR, lora_layers
+
+DEFAULT_TARGETS = {
+    "t5": ["q", "v"], "mt5": ["q", "v"], "umt5": ["q", "v"],
+    "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"], "camembert": ["query", "value"],
+}
+HEAD_NAMES = ("classifier", "score")
+
+
+class ModelError(ValueError):
+    """The model, its tokenizer or the LoRA targets do not fit; the message says which."""
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """`package:MODULE` -> MODULE.get_model_path(); anything else is returned as is (hub id or path)."""
+    if name_or_path.startswith("package:"):
+        module = name_or_path.split(":", 1)[1]
+        try:
+            return importlib.import_module(module).get_model_path()
+        except ImportError:
+            raise ModelError(f"model.name_or_path: package module {module!r} is not installed") from None
+    return name_or_path
+
+
+def load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    check_tokenizer(tok, path)
+    return tok
+
+
+def check_tokenizer(tokenizer: Any, name: str) -> None:
+    """Fail loudly on a tokenizer that maps ordinary words to unknown: transformers 5 returns such a blank
+    tokenizer for `t5-base` when the hub cannot be reached."""
+    probe = "the quick brown fox jumps over the lazy dog"
+    ids = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    unk = tokenizer.unk_token_id
+    if len(tokenizer) < 1000 or not ids or (unk is not None and sum(i == unk for i in ids) > len(ids) // 2):
+        raise ModelError(
+            f"tokenizer for {name!r} is blank ({len(tokenizer)} tokens; maps ordinary words to unknown). "
+            "This happens when the hub cannot be reached: download the model first or pass a local directory "
+            "in model.name_or_path."
+        )
+
+
+def load_base_model(path: str, num_labels: int) -> tuple[nn.Module, bool]:
+    """(model, is_seq2seq): a seq2seq LM for encoder-decoder models, else a sequence classifier."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(path)
+    if config.is_encoder_decoder:
+        return AutoModelForSeq2SeqLM.from_pretrained(path), True
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels), False
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+
+
+def resolve_targets(model: nn.Module, targets: list[str] | None) -> list[str]:
+    if targets is None:
+        mtype = getattr(model.config, "model_type", "")
+        if mtype not in DEFAULT_TARGETS:
+            raise ModelError(f"adarank.target_modules: no default for model type {mtype!r}; set it (Linear modules: {linear_module_names(model)})")
+        targets = DEFAULT_TARGETS[mtype]
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise ModelError(f"adarank.target_modules: {missing} match no Linear module; the model has: {sorted(names)}")
+    return list(targets)
+
+
+def apply_lora(model: nn.Module, seq2seq: bool, r: int, lora_alpha: float, targets: list[str] | None, dropout: float) -> nn.Module:
+    """PEFT LoRA on `targets`; for classifiers the head is trained too (PEFT's modules_to_save)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets = resolve_targets(model, targets)
+    heads = [h for h in HEAD_NAMES if hasattr(model, h)] if not seq2seq else None
+    cfg = LoraConfig(
+        r=r, lora_alpha=lora_alpha, target_modules=targets, lora_dropout=dropout,
+        task_type=TaskType.SEQ_2_SEQ_LM if seq2seq else TaskType.SEQ_CLS, modules_to_save=heads or None,
+    )
+    return get_peft_model(model, cfg)
+
+
+def save_run_model(model: nn.Module, tokenizer: Any, out_dir: str, base: str, seq2seq: bool, num_labels: int) -> None:
+    """The adapter (PEFT format, relative to the *current* base), the merged updates accumulated by
+    merge-strategy growth (relative to the original base) and the original base's identity."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(os.path.join(out_dir, "adapter"))
+    tokenizer.save_pretrained(os.path.join(out_dir, "tokenizer"))
+    merged = getattr(model, MERGED_DELTA_ATTR, None) or {}
+    save_file({k: v.contiguous() for k, v in merged.items()}, os.path.join(out_dir, "merged_delta.safetensors"))
+    with open(os.path.join(out_dir, "adarank_model.json"), "w", encoding="utf-8") as fh:
+        json.dump({"base_model": base, "seq2seq": seq2seq, "num_labels": num_labels}, fh, indent=2)
+
+
+def load_run_model(model_dir: str) -> tuple[nn.Module, Any]:
+    """Rebuild a saved run's model: original base + merged updates + the final adapter."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    with open(os.path.join(model_dir, "adarank_model.json"), encoding="utf-8") as fh:
+        meta = json.load(fh)
+    base, _ = load_base_model(resolve_model_path(meta["base_model"]), meta["num_labels"])
+    params = dict(base.named_parameters())
+    merged = load_file(os.path.join(model_dir, "merged_delta.safetensors"))
+    with torch.no_grad():
+        for name, delta in merged.items():
+            params[name].add_(delta.to(params[name].dtype))
+    model = PeftModel.from_pretrained(base, os.path.join(model_dir, "adapter"))
+    setattr(model, MERGED_DELTA_ATTR, merged)
+    from transformers import AutoTokenizer
+
+    return model, AutoTokenizer.from_pretrained(os.path.join(model_dir, "tokenizer"))
+
+
+__all__ = ["load_run_model", "save_run_model", "apply_lora", "lora_layers"]

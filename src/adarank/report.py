@@ -1,0 +1,95 @@
+"""Run outputs: JSONL logs, atomic JSON/YAML writes, package versions and the training plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from importlib import metadata
+from typing import Any
+
+import yaml
+
+PACKAGES = ("adarank", "torch", "transformers", "peft", "accelerate", "datasets", "scikit-learn")
+
+
+def atomic_write(path: str, text: str) -> None:
+    """Write via a temporary file in the same directory and rename: never a half-written file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str, obj: Any) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_yaml(path: str, obj: Any) -> None:
+    atomic_write(path, yaml.safe_dump(obj, sort_keys=False))
+
+
+class JsonlWriter:
+    def __init__(self, path: str):
+        self.path = path
+        open(path, "w", encoding="utf-8").close()
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def plot_training(log: list[dict], events: list[dict], evals: list[dict], path: str, title: str = "") -> None:
+    """Two panels over optimizer steps: training loss with rank-change markers (and validation accuracy),
+    and the LoRA rank."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_rank) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[2, 1])
+    steps = [r["step"] for r in log]
+    ax_loss.plot(steps, [r["loss"] for r in log], color="tab:blue", label="train loss")
+    for i, ev in enumerate(events):
+        ax_loss.axvline(ev["step"], color="tab:red", linestyle="--", alpha=0.6,
+                        label="rank change" if i == 0 else None)
+    ax_loss.set_ylabel("training loss")
+    if evals:
+        ax_acc = ax_loss.twinx()
+        ax_acc.plot([e["step"] for e in evals], [e["accuracy"] for e in evals], "o-", color="tab:green", label="val accuracy")
+        ax_acc.set_ylabel("validation accuracy")
+        ax_acc.legend(loc="upper right")
+    ax_loss.legend(loc="upper left")
+    ax_rank.step(steps, [r["rank"] for r in log], where="post", color="tab:purple")
+    ax_rank.set_ylabel("LoRA rank")
+    ax_rank.set_xlabel("optimizer step")
+    if title:
+        ax_loss.set_title(title)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,244 @@
+"""Our training loop, on Accelerate (the same code runs under `accelerate launch`).
+
+setup -> loop (forward, backward, step; controller; growth) -> evaluate -> save. Losses stay on the
+device and are synced in one batch at logging and check steps, not every step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from .config import RunConfig
+from .controller import RankController, decision_record
+from .data import LengthGroupedBatchSampler, load_split, make_collator, tokenize
+from .metrics import classification_metrics, decode_label
+from .modeling import apply_lora, load_base_model, load_tokenizer, resolve_model_path, save_run_model
+from .optim import build_optimizer, build_scheduler, grow_and_rebuild
+from .report import JsonlWriter, package_versions, plot_training, write_json, write_yaml
+from .surgery import count_trainable, lora_ranks
+from .tasks import get_task
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+class Run:
+    """Everything one training run holds; `train(cfg)` is the entry point."""
+
+    def __init__(self, cfg: RunConfig, model: Any = None, tokenizer: Any = None):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.cfg = cfg
+        tc, ac = cfg.train, cfg.adarank
+        self.task = get_task(cfg.data.task)
+        self.accelerator = Accelerator(
+            mixed_precision=resolve_mixed_precision(tc.mixed_precision), gradient_accumulation_steps=tc.grad_accum_steps
+        )
+        set_seed(tc.seed)
+        self.model_path = str(resolve_model_path(cfg.model.name_or_path))
+        train_rows = load_split(self.task, "train", cfg.data.data_dir, cfg.data.max_train_samples)
+        eval_rows = load_split(self.task, self.task.eval_split, cfg.data.data_dir, cfg.data.max_eval_samples)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_path)
+        if model is None:
+            model, self.seq2seq = load_base_model(self.model_path, self.task.num_labels)
+        else:
+            self.seq2seq = bool(model.config.is_encoder_decoder)
+        self.model = apply_lora(model, self.seq2seq, ac.r0, ac.lora_alpha_ratio * ac.r0, ac.target_modules, ac.lora_dropout)
+        mc = cfg.model
+        train_ds = tokenize(train_rows, self.task, self.tokenizer, self.seq2seq, mc.max_length, mc.max_target_length)
+        eval_ds = tokenize(eval_rows, self.task, self.tokenizer, self.seq2seq, mc.max_length, mc.max_target_length)
+        collate = make_collator(self.tokenizer, self.seq2seq)
+        lengths = [len(x["input_ids"]) for x in train_ds]
+        sampler = LengthGroupedBatchSampler(lengths, tc.batch_size, tc.seed, mega=50 if tc.group_by_length else 1)
+        train_loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate)
+        order = sorted(range(len(eval_ds)), key=lambda i: len(eval_ds[i]["input_ids"]))
+        self.eval_loader = DataLoader([eval_ds[i] for i in order], batch_size=tc.eval_batch_size, collate_fn=collate)
+
+        updates_per_epoch = math.ceil(math.ceil(len(train_loader) / self.accelerator.num_processes) / tc.grad_accum_steps)
+        self.updates_per_epoch = updates_per_epoch
+        self.total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * updates_per_epoch))
+        self.warmup_steps = math.ceil(tc.warmup_ratio * self.total_steps)
+        optimizer = build_optimizer(self.model, tc.lr, tc.weight_decay)
+        self.scheduler = build_scheduler(optimizer, self.total_steps, self.warmup_steps)
+        self.model, self.optimizer, self.train_loader, self.eval_loader = self.accelerator.prepare(
+            self.model, optimizer, train_loader, self.eval_loader
+        )
+        self.controller = RankController.from_config(ac, total_steps=self.total_steps)
+
+    @property
+    def raw_model(self) -> Any:
+        return self.accelerator.unwrap_model(self.model)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        model, acc = self.model, self.accelerator
+        model.eval()
+        preds, labels, losses = [], [], []
+        for batch in self.eval_loader:
+            class_label = batch.pop("class_label", None)
+            out = model(**batch)
+            losses.append(acc.gather_for_metrics(out.loss.detach().reshape(1)).mean())
+            if self.seq2seq:
+                gen = self.raw_model.generate(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    max_new_tokens=self.cfg.model.max_target_length,
+                )
+                gen = acc.pad_across_processes(gen, dim=1, pad_index=self.tokenizer.pad_token_id)
+                texts = self.tokenizer.batch_decode(acc.gather_for_metrics(gen), skip_special_tokens=True)
+                preds += [decode_label(t, self.task.target_words) for t in texts]
+                labels += acc.gather_for_metrics(class_label).tolist()
+            else:
+                preds += acc.gather_for_metrics(out.logits.argmax(-1)).tolist()
+                labels += acc.gather_for_metrics(batch["labels"]).tolist()
+        model.train()
+        metrics = classification_metrics(labels, preds, self.task.num_labels, self.task.positive_label)
+        metrics["eval_loss"] = float(torch.stack(losses).mean())
+        return metrics
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg, tc, acc = self.cfg, self.cfg.train, self.accelerator
+        out = tc.output_dir
+        main = acc.is_main_process
+        if main:
+            os.makedirs(out, exist_ok=True)
+            write_yaml(os.path.join(out, "config.yaml"), cfg.to_dict())
+            log_w, ev_w = JsonlWriter(os.path.join(out, "log.jsonl")), JsonlWriter(os.path.join(out, "rank_events.jsonl"))
+        log, events, evals = [], [], []
+        start = time.time()
+        step, epoch, pending, trainable_sum = 0, 0, [], 0
+        micro = []
+        bar = tqdm(total=self.total_steps, disable=not main, desc=f"{cfg.data.task} r={self.controller.rank}")
+        self.model.train()
+        done = False
+        while not done:
+            for batch in self.train_loader:
+                batch.pop("class_label", None)
+                with acc.accumulate(self.model):
+                    loss = self.model(**batch).loss
+                    acc.backward(loss)
+                    micro.append(loss.detach())
+                    if not acc.sync_gradients:
+                        continue
+                    if tc.max_grad_norm > 0:
+                        acc.clip_grad_norm_(self.model.parameters(), tc.max_grad_norm)
+                    self.optimizer.step()
+                    if not acc.optimizer_step_was_skipped:
+                        self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                step += 1
+                pending.append(torch.stack(micro).float().mean())
+                micro = []
+                trainable_sum += count_trainable(self.raw_model)
+                bar.update(1)
+                last = step >= self.total_steps
+                if self.controller.is_check_step(step) or step % tc.logging_steps == 0 or last:
+                    losses = acc.reduce(torch.stack(pending), "mean").tolist()
+                    first = step - len(losses) + 1
+                    decision = None
+                    for i, value in enumerate(losses):
+                        decision = self.controller.observe(first + i, value)
+                    pending = []
+                    lr = self.scheduler.get_last_lr()[0]
+                    rec = {"step": step, "epoch": round(step / self.updates_per_epoch, 4),
+                           "loss": sum(losses) / len(losses), "lr": lr, "rank": self.controller.rank
+                           if not (decision and decision.grow) else decision.from_rank}
+                    log.append(rec)
+                    if main:
+                        log_w.write(rec)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", rank=rec["rank"], lr=f"{lr:.2e}")
+                    if decision is not None and decision.grow:
+                        self._grow(decision)
+                        event = decision_record(decision)
+                        events.append(event)
+                        if main:
+                            ev_w.write(event)
+                        bar.set_description(f"{cfg.data.task} r={self.controller.rank}")
+                if tc.eval_steps and step % tc.eval_steps == 0 and not last:
+                    evals.append(self._eval_record(step))
+                if last:
+                    done = True
+                    break
+            epoch += 1
+            if not done or not evals or evals[-1]["step"] != step:
+                evals.append(self._eval_record(step))
+        bar.close()
+        wall = time.time() - start
+        results = self._results(evals, events, trainable_sum / max(1, step), wall, step)
+        if main:
+            if tc.save_model:
+                save_run_model(self.raw_model, self.tokenizer, os.path.join(out, "model"), cfg.model.name_or_path,
+                               self.seq2seq, self.task.num_labels)
+            write_json(os.path.join(out, "results.json"), results)
+            plot_training(log, events, evals, os.path.join(out, "training.png"),
+                          title=f"{cfg.data.task} · {os.path.basename(self.model_path.rstrip('/'))} · {cfg.adarank.strategy}/{cfg.adarank.criterion}")
+        acc.wait_for_everyone()
+        return results
+
+    def _eval_record(self, step: int) -> dict:
+        m = self.evaluate()
+        rec = {"step": step, "epoch": round(step / self.updates_per_epoch, 4), "rank": self.controller.rank, **m}
+        self.accelerator.print(f"eval step {step}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
+        return rec
+
+    def _grow(self, decision: Any) -> None:
+        tc, ac = self.cfg.train, self.cfg.adarank
+        raw = self.raw_model
+        self.optimizer, self.scheduler = grow_and_rebuild(
+            raw, self.optimizer, decision.rank, ac.strategy, seed=tc.seed, step=decision.step, lr=tc.lr,
+            weight_decay=tc.weight_decay, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+            rewarmup_steps=ac.rewarmup_steps, accelerator=self.accelerator,
+        )
+        if self.accelerator.num_processes > 1:  # DDP registered the old parameters: wrap again
+            self.model = self.accelerator.prepare_model(raw)
+
+    def _results(self, evals: list, events: list, trainable_avg: float, wall: float, steps: int) -> dict:
+        cfg = self.cfg
+        ranks = lora_ranks(self.raw_model)
+        return {
+            "task": cfg.data.task,
+            "model": cfg.model.name_or_path,
+            "strategy": cfg.adarank.strategy,
+            "criterion": cfg.adarank.criterion,
+            "growth_enabled": cfg.adarank.growth_enabled,
+            "seed": cfg.train.seed,
+            "final": {k: v for k, v in evals[-1].items() if k not in ("step", "epoch", "rank")},
+            "evals": evals,
+            "rank_events": events,
+            "rank_schedule": [cfg.adarank.r0] + [e["to_rank"] for e in events],
+            "final_rank": self.controller.rank,
+            "final_ranks": ranks,
+            "trainable_params_final": count_trainable(self.raw_model),
+            "trainable_params_avg": trainable_avg,
+            "steps": steps,
+            "wall_time_s": wall,
+            "num_processes": self.accelerator.num_processes,
+            "mixed_precision": self.accelerator.mixed_precision,
+            "versions": package_versions(),
+            "config": cfg.to_dict(),
+        }
+
+
+def train(cfg: RunConfig, model: Any = None, tokenizer: Any = None) -> dict:
+    """Train one run as `cfg` says and write its outputs into `cfg.train.output_dir`. A prebuilt base
+    `model` and `tokenizer` may be passed (tests use tiny ones)."""
+    return Run(cfg, model=model, tokenizer=tokenizer).train()
+
+
+__all__ = ["Run", "train", "asdict"]

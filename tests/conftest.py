@@ -1,0 +1,99 @@
+"""Tiny offline models, tokenizers and GLUE-layout data for the tests (no downloads)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+WORDS = ("the cat dog sat ran on a mat log big small red blue quickly slowly house tree car road bird "
+         "saw near under over man woman child ate fish bread green old new said that".split())
+
+
+def make_pairs(n: int, seed: int) -> list[dict]:
+    """MRPC-shaped rows: label 1 when sentence2 is sentence1 with two words swapped, else an unrelated one."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        s1 = [rng.choice(WORDS) for _ in range(rng.randint(4, 10))]
+        label = rng.randint(0, 1)
+        if label:
+            s2 = list(s1)
+            a, b = rng.sample(range(len(s2)), 2)
+            s2[a], s2[b] = s2[b], s2[a]
+        else:
+            s2 = [rng.choice(WORDS) for _ in range(rng.randint(4, 10))]
+        rows.append({"sentence1": " ".join(s1), "sentence2": " ".join(s2), "label": label, "idx": i})
+    return rows
+
+
+def write_glue(root, task: str = "mrpc", n_train: int = 64, n_eval: int = 32) -> str:
+    d = root / task
+    d.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (("train", n_train, 0), ("validation", n_eval, 1)):
+        with open(d / f"{split}.jsonl", "w") as fh:
+            for row in make_pairs(n, seed):
+                fh.write(json.dumps(row) + "\n")
+    return str(root)
+
+
+def word_tokenizer(kind: str):
+    """A word-level fast tokenizer: BERT-style ([CLS] a [SEP] b [SEP]) or T5-style (text </s>)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    extra = "mrpc sentence1 sentence2 paraphrase : equivalent not".split()
+    if kind == "bert":
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    else:
+        specials = ["<pad>", "</s>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(WORDS) | set(extra)))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=specials[1] if kind == "bert" else "<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    if kind == "bert":
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+        )
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                       cls_token="[CLS]", sep_token="[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", vocab["</s>"])]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_bert(vocab_size: int = 64, num_labels: int = 2, seed: int = 0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=num_labels,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_t5(vocab_size: int = 64, seed: int = 0):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                   num_heads=4, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+@pytest.fixture
+def bert_tok():
+    return word_tokenizer("bert")
+
+
+@pytest.fixture
+def t5_tok():
+    return word_tokenizer("t5")
+
+
+@pytest.fixture
+def glue_dir(tmp_path):
+    return write_glue(tmp_path / "glue")

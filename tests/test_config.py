@@ -1,0 +1,69 @@
+import glob
+import os
+
+import pytest
+
+from adarank import AdaRankCfg, AdaRankConfig, ConfigError, RunConfig, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_defaults_are_the_originals():
+    c = AdaRankConfig()
+    assert (c.r0, c.r_max, c.alpha, c.tol, c.check_every, c.warmup_steps) == (4, 64, 2, 0.10, 50, 50)
+    assert c.lora_alpha_ratio == 2 and AdaRankCfg is AdaRankConfig
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"r0": 0}, "adarank.r0"),
+        ({"r0": 65}, "adarank.r0"),
+        ({"alpha": 0}, "adarank.alpha"),
+        ({"tol": -0.1}, "adarank.tol"),
+        ({"criterion": "loss-ish"}, "adarank.criterion"),
+        ({"strategy": "grow"}, "adarank.strategy"),
+        ({"check_every": 0}, "adarank.check_every"),
+        ({"lora_dropout": 1.0}, "adarank.lora_dropout"),
+        ({"r0": "4"}, "adarank.r0"),
+        ({"target_modules": []}, "adarank.target_modules"),
+    ],
+)
+def test_invalid_values_name_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        AdaRankConfig(**kwargs)
+
+
+def test_unknown_fields_and_sections_are_rejected():
+    with pytest.raises(ConfigError, match=r"adarank\.rank"):
+        RunConfig.from_dict({"adarank": {"rank": 4}})
+    with pytest.raises(ConfigError, match="unknown section"):
+        RunConfig.from_dict({"optim": {}})
+
+
+def test_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("adarank:\n  r0: 4\n")
+    cfg = load_config(str(path), ["adarank.tol=0.05", "adarank.target_modules=[query, value]", "train.max_steps=7"])
+    assert cfg.adarank.tol == 0.05 and cfg.adarank.target_modules == ["query", "value"] and cfg.train.max_steps == 7
+    with pytest.raises(ConfigError, match="section.field=value"):
+        load_config(str(path), ["tol=0.05"])
+    with pytest.raises(ConfigError, match=r"adarank\.r0"):
+        load_config(str(path), ["adarank.r0=100"])
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent/c.yaml")
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)))
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.data.task and cfg.model.name_or_path
+    assert cfg.to_dict()["adarank"]["r0"] == cfg.adarank.r0
+
+
+def test_shipped_configs_exist():
+    names = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml"))}
+    assert {"mrpc_t5_base.yaml", "mrpc_minilm.yaml", "mrpc_minilm_lora_r8.yaml"} <= names

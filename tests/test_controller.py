@@ -1,0 +1,77 @@
+import math
+
+import pytest
+
+from adarank import RankController
+
+
+def run(ctrl, losses, start=1):
+    return [d for i, x in enumerate(losses, start) if (d := ctrl.observe(i, x)).grow]
+
+
+def test_threshold_grows_every_check_while_loss_above_tol():
+    c = RankController(r0=4, r_max=10, alpha=2, tol=0.5, check_every=2, warmup_steps=4, criterion="threshold")
+    grows = run(c, [0.9] * 12)
+    assert [(d.step, d.from_rank, d.rank) for d in grows] == [(4, 4, 6), (6, 6, 8), (8, 8, 10)]
+    assert c.rank == 10  # capped at r_max
+
+
+def test_threshold_holds_below_tol():
+    c = RankController(r0=4, r_max=64, tol=0.5, check_every=2, warmup_steps=0, criterion="threshold")
+    assert run(c, [0.4] * 10) == []
+
+
+def test_plateau_grows_when_improvement_below_tol():
+    c = RankController(r0=4, r_max=64, alpha=4, tol=0.1, check_every=2, warmup_steps=0, criterion="plateau")
+    # windows: [1,1] -> 1.0 (first), [0.5,0.5] -> 50% better (hold), [0.48,0.48] -> 4% better (grow)
+    grows = run(c, [1, 1, 0.5, 0.5, 0.48, 0.48])
+    assert [(d.step, d.rank) for d in grows] == [(6, 8)]
+    assert "improvement" in grows[0].reason and math.isclose(grows[0].window_loss, 0.48)
+    # after a growth the previous window is forgotten: the next check only sets a new reference
+    assert run(c, [0.48, 0.48], start=7) == []
+    assert [d.rank for d in run(c, [0.48, 0.48], start=9)] == [12]
+
+
+def test_window_is_the_last_check_every_losses():
+    c = RankController(r0=4, r_max=64, tol=0.5, check_every=3, warmup_steps=0, criterion="threshold")
+    for step, loss in enumerate([100, 100, 100, 0.1, 0.1], 1):
+        c.observe(step, loss)
+    d = c.observe(6, 0.1)
+    assert not d.grow and math.isclose(d.window_loss, 0.1)
+
+
+def test_non_finite_loss_never_grows():
+    c = RankController(r0=4, r_max=64, tol=0.0, check_every=2, warmup_steps=0, criterion="threshold")
+    assert run(c, [1.0, float("nan"), float("inf"), 1.0]) == []
+    assert run(c, [1.0, 1.0], start=5)[0].rank == 6  # finite again: grows
+
+
+def test_cooldown_and_last_step():
+    c = RankController(r0=4, r_max=64, tol=0.0, check_every=2, warmup_steps=0, criterion="threshold",
+                       cooldown_steps=4, total_steps=10)
+    assert [d.step for d in run(c, [1.0] * 10)] == [2, 6]  # 4 within cooldown, 8 too, 10 is the last step
+
+
+def test_state_dict_resumes_exactly():
+    losses = [1.0, 0.9, 0.85, 0.84, 0.84, 0.83, 0.5, 0.49, 0.49, 0.49, 0.3, 0.3]
+    ref = RankController(r0=4, r_max=64, tol=0.05, check_every=2, warmup_steps=2)
+    full = [(d.step, d.rank) for d in run(ref, losses)]
+    a = RankController(r0=4, r_max=64, tol=0.05, check_every=2, warmup_steps=2)
+    first = [(d.step, d.rank) for d in run(a, losses[:5])]
+    b = RankController()
+    b.load_state_dict(a.state_dict())
+    second = [(d.step, d.rank) for d in run(b, losses[5:], start=6)]
+    assert first + second == full and len(full) >= 2
+    assert b.state_dict() == ref.state_dict()
+
+
+def test_steps_must_increase():
+    c = RankController()
+    c.observe(1, 1.0)
+    with pytest.raises(ValueError, match="steps must increase"):
+        c.observe(1, 1.0)
+
+
+def test_fixed_rank_never_grows():
+    c = RankController(r0=8, r_max=8, tol=0.0, check_every=1, warmup_steps=0, criterion="threshold")
+    assert run(c, [1.0] * 5) == []
