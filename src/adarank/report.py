@@ -82,7 +82,7 @@ def plot_training(log: list[dict], events: list[dict], evals: list[dict], path: 
         ax_acc.set_ylabel("validation accuracy")
         ax_acc.legend(loc="upper right")
     ax_loss.legend(loc="upper left")
-    ax_rank.step(steps, [r["rank"] for r in log], where="post", color="tab:purple")
+    ax_rank.step(steps, [r["rank"] for r in log], where="pre", color="tab:purple")  # rank during the steps up to x
     ax_rank.set_ylabel("LoRA rank")
     ax_rank.set_xlabel("optimizer step")
     if title:

@@ -187,7 +187,7 @@ class Run:
                                self.seq2seq, self.task.num_labels)
             write_json(os.path.join(out, "results.json"), results)
             plot_training(log, events, evals, os.path.join(out, "training.png"),
-                          title=f"{cfg.data.task} · {os.path.basename(self.model_path.rstrip('/'))} · {cfg.adarank.strategy}/{cfg.adarank.criterion}")
+                          title=f"{cfg.data.task} · {cfg.model.name_or_path} · {cfg.adarank.strategy}/{cfg.adarank.criterion}")
         acc.wait_for_everyone()
         return results
 
