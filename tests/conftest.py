@@ -9,7 +9,7 @@ import pytest
 import torch
 
 WORDS = ("the cat dog sat ran on a mat log big small red blue quickly slowly house tree car road bird "
-         "saw near under over man woman child ate fish bread green old new said that".split())
+         "saw near under over man woman child ate fish bread green old new said that of and to in is it for with".split())
 
 
 def make_pairs(n: int, seed: int) -> list[dict]:

@@ -38,30 +38,46 @@ def resolve_model_path(name_or_path: str) -> str:
 def load_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as exc:
+        raise ModelError(_cannot_load(path, exc)) from None
     check_tokenizer(tok, path)
     return tok
 
 
+PROBE_WORDS = ("the", "of", "and", "to", "in", "is", "it", "for", "on", "with")
+
+
 def check_tokenizer(tokenizer: Any, name: str) -> None:
     """Fail loudly on a tokenizer that maps ordinary words to unknown: transformers 5 returns such a blank
-    tokenizer for `t5-base` when the hub cannot be reached."""
-    probe = "the quick brown fox jumps over the lazy dog"
-    ids = tokenizer(probe, add_special_tokens=False)["input_ids"]
-    unk = tokenizer.unk_token_id
-    if len(tokenizer) < 1000 or not ids or (unk is not None and sum(i == unk for i in ids) > len(ids) // 2):
+    ~100-token tokenizer for `t5-base` when the hub cannot be reached. A word is known when its tokens
+    decode back to letters (an unknown token decodes to nothing once special tokens are skipped)."""
+    known = sum(
+        any(c.isalpha() for c in tokenizer.decode(tokenizer(w, add_special_tokens=False)["input_ids"], skip_special_tokens=True))
+        for w in PROBE_WORDS
+    )
+    if known < len(PROBE_WORDS) // 2:
         raise ModelError(
-            f"tokenizer for {name!r} is blank ({len(tokenizer)} tokens; maps ordinary words to unknown). "
-            "This happens when the hub cannot be reached: download the model first or pass a local directory "
-            "in model.name_or_path."
+            f"tokenizer for {name!r} is blank: it knows {known} of {len(PROBE_WORDS)} common English words "
+            f"({len(tokenizer)} tokens). transformers returns such a tokenizer when the hub cannot be reached: "
+            "download the model first or set model.name_or_path to a local directory."
         )
+
+
+def _cannot_load(path: str, exc: Exception) -> str:
+    return (f"model.name_or_path: cannot load {path!r} ({str(exc).splitlines()[0]}). Without hub access, "
+            "set it to a local directory or a `package:MODULE` that ships the model.")
 
 
 def load_base_model(path: str, num_labels: int) -> tuple[nn.Module, bool]:
     """(model, is_seq2seq): a seq2seq LM for encoder-decoder models, else a sequence classifier."""
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as exc:
+        raise ModelError(_cannot_load(path, exc)) from None
     if config.is_encoder_decoder:
         return AutoModelForSeq2SeqLM.from_pretrained(path), True
     return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels), False

@@ -19,7 +19,7 @@ from .config import RunConfig
 from .controller import RankController, decision_record
 from .data import LengthGroupedBatchSampler, load_split, make_collator, tokenize
 from .metrics import classification_metrics, decode_label
-from .modeling import apply_lora, load_base_model, load_tokenizer, resolve_model_path, save_run_model
+from .modeling import apply_lora, check_tokenizer, load_base_model, load_tokenizer, resolve_model_path, save_run_model
 from .optim import build_optimizer, build_scheduler, grow_and_rebuild
 from .report import JsonlWriter, package_versions, plot_training, write_json, write_yaml
 from .surgery import count_trainable, lora_ranks
@@ -49,9 +49,11 @@ class Run:
         )
         set_seed(tc.seed)
         self.model_path = str(resolve_model_path(cfg.model.name_or_path))
+        if tokenizer is not None:
+            check_tokenizer(tokenizer, cfg.model.name_or_path)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_path)
         train_rows = load_split(self.task, "train", cfg.data.data_dir, cfg.data.max_train_samples)
         eval_rows = load_split(self.task, self.task.eval_split, cfg.data.data_dir, cfg.data.max_eval_samples)
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_path)
         if model is None:
             model, self.seq2seq = load_base_model(self.model_path, self.task.num_labels)
         else:
@@ -77,6 +79,7 @@ class Run:
             self.model, optimizer, train_loader, self.eval_loader
         )
         self.controller = RankController.from_config(ac, total_steps=self.total_steps)
+        self.trainable = count_trainable(self.model)
 
     @property
     def raw_model(self) -> Any:
@@ -87,11 +90,13 @@ class Run:
     def evaluate(self) -> dict:
         model, acc = self.model, self.accelerator
         model.eval()
-        preds, labels, losses = [], [], []
+        preds, labels, loss_sum, count = [], [], 0.0, 0
         for batch in self.eval_loader:
             class_label = batch.pop("class_label", None)
             out = model(**batch)
-            losses.append(acc.gather_for_metrics(out.loss.detach().reshape(1)).mean())
+            n = batch["input_ids"].shape[0]
+            loss_sum += float(acc.reduce(out.loss.detach() * n, "sum"))
+            count += int(acc.reduce(torch.tensor(n, device=acc.device), "sum"))
             if self.seq2seq:
                 gen = self.raw_model.generate(
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -106,7 +111,7 @@ class Run:
                 labels += acc.gather_for_metrics(batch["labels"]).tolist()
         model.train()
         metrics = classification_metrics(labels, preds, self.task.num_labels, self.task.positive_label)
-        metrics["eval_loss"] = float(torch.stack(losses).mean())
+        metrics["eval_loss"] = loss_sum / max(1, count)  # per example (seq2seq: mean token loss per example)
         return metrics
 
     # ------------------------------------------------------------------ the loop
@@ -145,7 +150,7 @@ class Run:
                 step += 1
                 pending.append(torch.stack(micro).float().mean())
                 micro = []
-                trainable_sum += count_trainable(self.raw_model)
+                trainable_sum += self.trainable
                 bar.update(1)
                 last = step >= self.total_steps
                 if self.controller.is_check_step(step) or step % tc.logging_steps == 0 or last:
@@ -207,6 +212,7 @@ class Run:
         )
         if self.accelerator.num_processes > 1:  # DDP registered the old parameters: wrap again
             self.model = self.accelerator.prepare_model(raw)
+        self.trainable = count_trainable(raw)
 
     def _results(self, evals: list, events: list, trainable_avg: float, wall: float, steps: int) -> dict:
         cfg = self.cfg
