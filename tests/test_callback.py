@@ -21,11 +21,19 @@ from adarank.train import Run
 STEPS, SEED, LR = 30, 7, 5e-3
 
 
-def adarank_settings(strategy):
-    return dict(r0=2, r_max=12, alpha=2, tol=0.05, check_every=3, warmup_steps=3, criterion="plateau", strategy=strategy)
+VARIANTS = {
+    "merge": dict(strategy="merge"),
+    "expand": dict(strategy="expand"),
+    # per-layer growth (importance from gradients) and an energy-pruning phase at 80% of the run
+    "per_layer_prune": dict(strategy="merge", grow_top_k=2, prune="energy", prune_energy=0.999, prune_at=0.8),
+}
 
 
-@pytest.mark.parametrize("strategy", ["merge", "expand"])
+def adarank_settings(variant):
+    return dict(r0=2, r_max=12, alpha=2, tol=0.05, check_every=3, warmup_steps=3, criterion="plateau", **VARIANTS[variant])
+
+
+@pytest.mark.parametrize("strategy", sorted(VARIANTS))
 def test_callback_and_loop_make_the_same_decisions(tmp_path, bert_tok, strategy):
     from transformers import Trainer, TrainingArguments
 
@@ -59,9 +67,15 @@ def test_callback_and_loop_make_the_same_decisions(tmp_path, bert_tok, strategy)
     callback = AdaRankCallback(ac).attach(trainer)
     trainer.train()
 
-    loop_events = [(e["step"], e["from_rank"], e["to_rank"]) for e in loop_results["rank_events"]]
-    cb_events = [(e["step"], e["from_rank"], e["to_rank"]) for e in callback.events]
+    def key(e):
+        modules = sorted((n, m["from_rank"], m["to_rank"]) for n, m in e.get("modules", {}).items())
+        return e["step"], e["action"], e["from_rank"], e["to_rank"], modules
+
+    loop_events = [key(e) for e in loop_results["rank_events"]]
+    cb_events = [key(e) for e in callback.events]
     assert len(loop_events) >= 2, loop_events
+    if strategy == "per_layer_prune":
+        assert loop_events[-1][1] == "prune" and len(set(loop_results["final_ranks"].values())) > 1
     assert cb_events == loop_events
     assert len(callback.losses) == len(loop_losses) == STEPS
     # the two samplers order the 8 examples differently: sums in another order differ in the last bits,

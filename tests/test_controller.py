@@ -75,3 +75,30 @@ def test_steps_must_increase():
 def test_fixed_rank_never_grows():
     c = RankController(r0=8, r_max=8, tol=0.0, check_every=1, warmup_steps=0, criterion="threshold")
     assert run(c, [1.0] * 5) == []
+
+
+def test_prune_phase_at_a_fraction_of_the_run_then_no_growth():
+    c = RankController(r0=4, r_max=64, tol=0.0, check_every=2, warmup_steps=0, criterion="threshold",
+                       total_steps=20, prune=True, prune_at=0.5)
+    decisions = [c.observe(i, 1.0) for i in range(1, 21)]
+    acts = [(d.step, d.action) for d in decisions if d.action != "hold"]
+    assert acts == [(2, "grow"), (4, "grow"), (6, "grow"), (8, "grow"), (10, "prune")]
+    assert c.prune_step() is None and not c.is_decision_step(12)
+
+
+def test_prune_after_reaching_r_max():
+    c = RankController(r0=4, r_max=8, alpha=2, tol=0.0, check_every=2, warmup_steps=0, criterion="threshold",
+                       total_steps=100, prune=True, prune_at=1.0, prune_after_r_max_steps=3)
+    acts = [(d.step, d.action, d.rank) for i in range(1, 30) if (d := c.observe(i, 1.0)).action != "hold"]
+    assert acts == [(2, "grow", 6), (4, "grow", 8), (7, "prune", 8)]
+
+
+def test_prune_state_resumes():
+    kw = dict(r0=4, r_max=8, tol=0.0, check_every=2, warmup_steps=0, criterion="threshold", total_steps=100,
+              prune=True, prune_at=1.0, prune_after_r_max_steps=3)
+    a = RankController(**kw)
+    for i in range(1, 6):
+        a.observe(i, 1.0)
+    b = RankController()
+    b.load_state_dict(a.state_dict())
+    assert b.is_decision_step(7) and b.observe(6, 1.0).action == "hold" and b.observe(7, 1.0).prune

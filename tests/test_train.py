@@ -125,3 +125,17 @@ def test_cli_target_modules_matching_nothing(tmp_path, glue_dir, capsys):
                "--set", "adarank.target_modules=[q, v]"])
     err = capsys.readouterr().err
     assert rc == 2 and "adarank.target_modules" in err and "'query'" in err and "'value'" in err
+
+
+def test_per_layer_growth_grows_only_the_top_k_modules(tmp_path, glue_dir, bert_tok):
+    base = saved(tiny_bert(vocab_size=len(bert_tok)), bert_tok, tmp_path / "base")
+    cfg = cfg_for(tmp_path, glue_dir, base, grow_top_k=1)
+    results = train(cfg, model=tiny_bert(vocab_size=len(bert_tok)), tokenizer=bert_tok)
+    grows = [e for e in results["rank_events"] if e["action"] == "grow"]
+    assert len(grows) == 3 and all(len(e["modules"]) == 1 for e in grows)
+    ranks = results["final_ranks"]
+    assert sorted(ranks.values()) != [ranks[next(iter(ranks))]] * len(ranks)  # ranks differ per module
+    assert sum(ranks.values()) == 2 * len(ranks) + 3 * 2  # three growths of one module by alpha=2
+    assert results["final_rank_mean"] == sum(ranks.values()) / len(ranks)
+    log = read_jsonl(os.path.join(cfg.train.output_dir, "log.jsonl"))
+    assert {"rank", "rank_mean"} <= set(log[-1])

@@ -20,14 +20,16 @@ from transformers import TrainerCallback
 
 from .config import AdaRankConfig
 from .controller import RankController, decision_record
-from .optim import grow_and_rebuild
+from .importance import ImportanceTracker
+from .optim import apply_decision
+from .surgery import lora_ranks
 
 
 class AdaRankCallback(TrainerCallback):
-    def __init__(self, config: AdaRankConfig, rewarmup_steps: int | None = None):
+    def __init__(self, config: AdaRankConfig):
         self.config = config
         self.controller = RankController.from_config(config)
-        self.rewarmup_steps = config.rewarmup_steps if rewarmup_steps is None else rewarmup_steps
+        self.importance = ImportanceTracker(config.importance) if config.grow_top_k is not None else None
         self.trainer: Any = None
         self.events: list[dict] = []
         self.losses: list[float] = []  # per optimizer step, as handed to the controller
@@ -61,6 +63,11 @@ class AdaRankCallback(TrainerCallback):
         self.controller.total_steps = state.max_steps
         return control
 
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.importance is not None:
+            self.importance.update(self.trainer.accelerator.unwrap_model(self.trainer.model))
+        return control
+
     def on_step_end(self, args, state, control, **kwargs):
         if not self._micro:
             return control
@@ -69,19 +76,22 @@ class AdaRankCallback(TrainerCallback):
         self._micro = []
         self.losses.append(loss)
         decision = self.controller.observe(state.global_step, loss)
-        if decision.grow:
-            self._grow(decision, args, state)
-            self.events.append(decision_record(decision))
+        if decision.action != "hold":
+            details = self._apply(decision, args, state)
+            ranks = lora_ranks(self.trainer.accelerator.unwrap_model(self.trainer.model))
+            self.events.append({**decision_record(decision), "to_rank": max(ranks.values()), **details})
+        if self.importance is not None and self.controller.is_check_step(state.global_step):
+            self.importance.reset()
         return control
 
-    def _grow(self, decision: Any, args: Any, state: Any) -> None:
+    def _apply(self, decision: Any, args: Any, state: Any) -> dict:
         trainer = self.trainer
         total = state.max_steps
         model = trainer.accelerator.unwrap_model(trainer.model)
-        optimizer, scheduler = grow_and_rebuild(
-            model, trainer.optimizer, decision.rank, self.config.strategy, seed=args.seed, step=decision.step,
-            lr=args.learning_rate, weight_decay=args.weight_decay, total_steps=total,
-            warmup_steps=args.get_warmup_steps(total), rewarmup_steps=self.rewarmup_steps,
-            accelerator=trainer.accelerator,
+        optimizer, scheduler, details = apply_decision(
+            model, trainer.optimizer, decision, self.config, seed=args.seed, lr=args.learning_rate,
+            weight_decay=args.weight_decay, total_steps=total, warmup_steps=args.get_warmup_steps(total),
+            importance=self.importance, accelerator=trainer.accelerator,
         )
         trainer.optimizer, trainer.lr_scheduler = optimizer, scheduler
+        return details

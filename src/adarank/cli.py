@@ -28,6 +28,21 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_adapter
+
+    log = export_adapter(args.run_dir, args.out_dir, max_rank=args.max_rank, merged=args.merged)
+    if log["format"] == "merged":
+        print(f"merged model written to {args.out_dir} (AutoModel*.from_pretrained); "
+              f"max abs logit difference to the run model: {log['max_abs_logit_diff']:.2e}")
+    else:
+        worst = max(m["relative_error"] for m in log["modules"].values())
+        print(f"PEFT adapter written to {args.out_dir}: r={log['r']}, rank_pattern for {len(log['rank_pattern'])} modules, "
+              f"{'exact' if log['exact'] else f'approximate (worst relative error {worst:.2e})'}; "
+              f"max abs logit difference to the run model: {log['max_abs_logit_diff']:.2e} (details in export_log.json)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adarank", description="Adaptive-rank LoRA fine-tuning.")
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -40,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="override any config field, value parsed as YAML (repeatable), e.g. --set adarank.tol=0.05")
     t.set_defaults(func=_train)
+    e = sub.add_parser("export", help="write a run as a standard PEFT LoRA adapter relative to the original base")
+    e.add_argument("run_dir", help="a run's output directory (or its model/ directory)")
+    e.add_argument("out_dir")
+    e.add_argument("--max-rank", type=int, help="cap the exported rank per module (SVD truncation; errors logged)")
+    e.add_argument("--merged", action="store_true", help="write a full merged model instead of an adapter")
+    e.set_defaults(func=_export)
     return parser
 
 

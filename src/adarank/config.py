@@ -15,6 +15,8 @@ import yaml
 
 CRITERIA = ("plateau", "threshold")
 STRATEGIES = ("merge", "expand")
+PRUNE_METHODS = ("none", "rank", "energy", "budget")
+IMPORTANCE = ("grad_norm", "sensitivity")
 
 
 class ConfigError(ValueError):
@@ -44,6 +46,17 @@ class AdaRankConfig:
     cooldown_steps: minimum optimizer steps between two growths.
     rewarmup_steps: after a growth the LR ramps linearly from 0 back to the global schedule over this many
         steps (0 = continue the global schedule at once).
+    grow_top_k: per-layer growth: at each growth only the k modules with the highest importance (accumulated
+        over the check window) grow by `alpha`; None = every module grows.
+    importance: the per-module score for grow_top_k: "grad_norm" - sum of squared gradients of A and B;
+        "sensitivity" - sum of |θ ⊙ ∇θ| over A and B (AdaLoRA's sensitivity on the LoRA factors).
+    prune: the final phase: "none", or SVD pruning of every module's update to a target rank ("rank",
+        `prune_rank`), by an energy threshold per module ("energy", `prune_energy`), or to a global
+        parameter budget over all modules ("budget", `prune_budget` A and B entries).
+    prune_at: prune at this fraction of the run's optimizer steps at the latest (1.0 = after the last step,
+        without training at the pruned ranks; below 1.0 the rest of the run trains at the pruned ranks with a
+        fresh optimizer for the LoRA factors).
+    prune_after_r_max_steps: prune this many steps after r_max is reached, if that comes before prune_at.
     """
 
     r0: int = 4
@@ -59,6 +72,14 @@ class AdaRankConfig:
     lora_dropout: float = 0.0
     cooldown_steps: int = 0
     rewarmup_steps: int = 0
+    grow_top_k: int | None = None
+    importance: str = "grad_norm"
+    prune: str = "none"
+    prune_rank: int = 8
+    prune_energy: float = 0.9
+    prune_budget: int | None = None
+    prune_at: float = 0.75
+    prune_after_r_max_steps: int | None = None
 
     def __post_init__(self) -> None:
         _check_int(self, "r0", minimum=1)
@@ -79,6 +100,25 @@ class AdaRankConfig:
             raise ConfigError(f"adarank.criterion must be one of {list(CRITERIA)}, got {self.criterion!r}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"adarank.strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
+        if self.grow_top_k is not None:
+            _check_int(self, "grow_top_k", minimum=1)
+        if self.importance not in IMPORTANCE:
+            raise ConfigError(f"adarank.importance must be one of {list(IMPORTANCE)}, got {self.importance!r}")
+        if self.prune not in PRUNE_METHODS:
+            raise ConfigError(f"adarank.prune must be one of {list(PRUNE_METHODS)}, got {self.prune!r}")
+        _check_int(self, "prune_rank", minimum=1)
+        _check_number(self, "prune_energy", minimum=0.0, strict=True)
+        if self.prune_energy > 1.0:
+            raise ConfigError(f"adarank.prune_energy must be in (0, 1], got {self.prune_energy}")
+        if self.prune == "budget" and self.prune_budget is None:
+            raise ConfigError("adarank.prune_budget must be set when adarank.prune is 'budget'")
+        if self.prune_budget is not None:
+            _check_int(self, "prune_budget", minimum=1)
+        _check_number(self, "prune_at", minimum=0.0, strict=True)
+        if self.prune_at > 1.0:
+            raise ConfigError(f"adarank.prune_at must be in (0, 1], got {self.prune_at}")
+        if self.prune_after_r_max_steps is not None:
+            _check_int(self, "prune_after_r_max_steps", minimum=0)
         if self.target_modules is not None:
             if isinstance(self.target_modules, str):
                 self.target_modules = [self.target_modules]
@@ -88,6 +128,11 @@ class AdaRankConfig:
     @property
     def growth_enabled(self) -> bool:
         return self.r_max > self.r0
+
+    def prune_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `prune_lora` for the configured method ({} when pruning is off)."""
+        return {"rank": {"rank": self.prune_rank}, "energy": {"energy": self.prune_energy},
+                "budget": {"budget": self.prune_budget}}.get(self.prune, {})
 
 
 AdaRankCfg = AdaRankConfig  # the name users of the original notebook know

@@ -7,7 +7,10 @@ Every `check_every` optimizer steps after `warmup_steps`, the controller looks a
     criterion "plateau":    grow if  (prev_mean - mean(window)) / |prev_mean| < tol
 
 `prev_mean` is the window mean at the previous check; after a growth it is forgotten, so the plateau rule
-needs two windows at the new rank before it can grow again. A window holding a non-finite loss never
+needs two windows at the new rank before it can grow again.
+
+With pruning on, a "prune" decision comes once, at the first step where `step >= ceil(prune_at·total_steps)`
+or, when `prune_after_r_max_steps` is set, that many steps after r_max was reached; no growth follows it. A window holding a non-finite loss never
 triggers growth. In several processes the loop hands in the loss averaged over processes, so every process
 takes the same decision.
 """
@@ -24,7 +27,7 @@ from .config import CRITERIA
 
 @dataclass(frozen=True)
 class Decision:
-    """action: "hold" or "grow"; rank: the rank to have after this step; reason: why (for the logs)."""
+    """action: "hold", "grow" or "prune"; rank: the rank to have after this step; reason: why (for the logs)."""
 
     action: str
     rank: int
@@ -36,6 +39,10 @@ class Decision:
     @property
     def grow(self) -> bool:
         return self.action == "grow"
+
+    @property
+    def prune(self) -> bool:
+        return self.action == "prune"
 
 
 class RankController:
@@ -50,6 +57,9 @@ class RankController:
         criterion: str = "plateau",
         cooldown_steps: int = 0,
         total_steps: int | None = None,
+        prune: bool = False,
+        prune_at: float = 1.0,
+        prune_after_r_max_steps: int | None = None,
     ) -> None:
         if criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {list(CRITERIA)}, got {criterion!r}")
@@ -59,7 +69,10 @@ class RankController:
         self.check_every, self.warmup_steps = check_every, warmup_steps
         self.criterion, self.cooldown_steps = criterion, cooldown_steps
         self.total_steps = total_steps
+        self.prune, self.prune_at, self.prune_after_r_max_steps = prune, prune_at, prune_after_r_max_steps
         self.rank = r0
+        self.r_max_step: int | None = 0 if r0 >= r_max else None
+        self.pruned = False
         self.window: deque[float] = deque(maxlen=check_every)
         self.prev_mean: float | None = None
         self.last_growth_step: int | None = None
@@ -70,7 +83,8 @@ class RankController:
         return cls(
             r0=cfg.r0, r_max=cfg.r_max, alpha=cfg.alpha, tol=cfg.tol, check_every=cfg.check_every,
             warmup_steps=cfg.warmup_steps, criterion=cfg.criterion, cooldown_steps=cfg.cooldown_steps,
-            total_steps=total_steps,
+            total_steps=total_steps, prune=cfg.prune != "none", prune_at=cfg.prune_at,
+            prune_after_r_max_steps=cfg.prune_after_r_max_steps,
         )
 
     def is_check_step(self, step: int) -> bool:
@@ -78,7 +92,23 @@ class RankController:
         step of the run (`total_steps`, when known) since a new adapter would not be trained."""
         if self.total_steps is not None and step >= self.total_steps:
             return False
-        return step >= self.warmup_steps and step % self.check_every == 0
+        return not self.pruned and step >= self.warmup_steps and step % self.check_every == 0
+
+    def prune_step(self) -> int | None:
+        """The step at which pruning happens, as known now (None: not scheduled, or done)."""
+        if not self.prune or self.pruned:
+            return None
+        steps = []
+        if self.total_steps is not None:
+            steps.append(max(1, math.ceil(self.prune_at * self.total_steps)))
+        if self.prune_after_r_max_steps is not None and self.r_max_step is not None:
+            steps.append(max(1, self.r_max_step + self.prune_after_r_max_steps))
+        return min(steps) if steps else None
+
+    def is_decision_step(self, step: int) -> bool:
+        """True where observe() may return something other than hold: the loop syncs its losses there."""
+        due = self.prune_step()
+        return self.is_check_step(step) or (due is not None and step >= due)
 
     def observe(self, step: int, loss: float) -> Decision:
         """Record the training loss of optimizer step `step` (1-based) and decide."""
@@ -86,6 +116,10 @@ class RankController:
             raise ValueError(f"steps must increase: got step {step} after step {self.last_step}")
         self.last_step = step
         self.window.append(float(loss))
+        due = self.prune_step()
+        if due is not None and step >= due:
+            self.pruned = True
+            return Decision("prune", self.rank, self.rank, step, None, f"prune phase (step {due})")
         if not self.is_check_step(step):
             return self._hold(step, None, "")
         if any(not math.isfinite(x) for x in self.window):
@@ -110,6 +144,8 @@ class RankController:
             reason = f"improvement {improvement:.4f} < tol {self.tol}"
         old, self.rank = self.rank, min(self.rank + self.alpha, self.r_max)
         self.last_growth_step, self.prev_mean = step, None
+        if self.rank >= self.r_max:
+            self.r_max_step = step
         return Decision("grow", self.rank, old, step, mean, reason)
 
     def _hold(self, step: int, mean: float | None, reason: str) -> Decision:
@@ -121,8 +157,11 @@ class RankController:
                 "r0": self.r0, "r_max": self.r_max, "alpha": self.alpha, "tol": self.tol,
                 "check_every": self.check_every, "warmup_steps": self.warmup_steps,
                 "criterion": self.criterion, "cooldown_steps": self.cooldown_steps,
-                "total_steps": self.total_steps,
+                "total_steps": self.total_steps, "prune": self.prune, "prune_at": self.prune_at,
+                "prune_after_r_max_steps": self.prune_after_r_max_steps,
             },
+            "r_max_step": self.r_max_step,
+            "pruned": self.pruned,
             "rank": self.rank,
             "window": list(self.window),
             "prev_mean": self.prev_mean,
@@ -137,6 +176,8 @@ class RankController:
         self.prev_mean = state["prev_mean"]
         self.last_growth_step = state["last_growth_step"]
         self.last_step = state["last_step"]
+        self.r_max_step = state["r_max_step"]
+        self.pruned = state["pruned"]
 
 
 def decision_record(d: Decision) -> dict[str, Any]:

@@ -87,7 +87,7 @@ def _carry_state(new: nn.Parameter, old: nn.Parameter, state: dict, grown: bool)
 def rebuild_after_growth(
     model: nn.Module,
     snapshot: dict[str, tuple[nn.Parameter, dict]],
-    strategy: str,
+    surgery: str,
     lr: float,
     weight_decay: float,
     total_steps: int,
@@ -95,13 +95,14 @@ def rebuild_after_growth(
     step: int,
     rewarmup_steps: int = 0,
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """A new AdamW over the model's trainable parameters (state carried as the module doc says) and the
-    global LR schedule continued at `step`."""
+    """A new AdamW over the model's trainable parameters and the global LR schedule continued at `step`.
+    `surgery` ("merge", "expand" or "prune") says how state is carried (see the module doc; after a prune
+    the re-factored LoRA tensors start fresh, like after a merge)."""
     optimizer = build_optimizer(model, lr, weight_decay)
     for name, param in model.named_parameters():
         if param.requires_grad and name in snapshot:
             old, state = snapshot[name]
-            carried = _carry_state(param, old, state, grown=strategy == "expand")
+            carried = _carry_state(param, old, state, grown=surgery == "expand")
             if carried:
                 optimizer.state[param] = carried
     scheduler = build_scheduler(optimizer, total_steps, warmup_steps, start_step=step, rewarmup_steps=rewarmup_steps)
@@ -121,7 +122,7 @@ def install_optimizer(accelerator: Any, old: Any, new: torch.optim.Optimizer) ->
 def grow_and_rebuild(
     model: nn.Module,
     optimizer: Any,
-    new_rank: int,
+    new_rank: int | dict[str, int],
     strategy: str,
     *,
     seed: int,
@@ -133,15 +134,63 @@ def grow_and_rebuild(
     rewarmup_steps: int = 0,
     accelerator: Any = None,
 ) -> tuple[Any, torch.optim.lr_scheduler.LambdaLR]:
-    """Surgery plus its optimizer consequences, in one place for our loop and the Trainer callback.
-    `model` is the unwrapped PEFT model; the generator seed is `seed + step`, equal on every process."""
+    """Growth plus its optimizer consequences. `model` is the unwrapped PEFT model; the generator seed is
+    `seed + step`, equal on every process."""
     from .surgery import grow_lora
 
     snapshot = snapshot_optimizer(model, optimizer)
     grow_lora(model, new_rank, strategy, seed=seed + step)
+    return _rebuild(model, optimizer, snapshot, strategy, lr, weight_decay, total_steps, warmup_steps, step,
+                    rewarmup_steps, accelerator)
+
+
+def _rebuild(model, old_optimizer, snapshot, surgery, lr, weight_decay, total_steps, warmup_steps, step,
+             rewarmup_steps, accelerator):
     new_opt, scheduler = rebuild_after_growth(
-        model, snapshot, strategy, lr, weight_decay, total_steps, warmup_steps, step, rewarmup_steps
+        model, snapshot, surgery, lr, weight_decay, total_steps, warmup_steps, step, rewarmup_steps
     )
     if accelerator is not None:
-        new_opt = install_optimizer(accelerator, optimizer, new_opt)
+        new_opt = install_optimizer(accelerator, old_optimizer, new_opt)
     return new_opt, scheduler
+
+
+def apply_decision(
+    model: nn.Module,
+    optimizer: Any,
+    decision: Any,
+    cfg: Any,
+    *,
+    seed: int,
+    lr: float,
+    weight_decay: float,
+    total_steps: int,
+    warmup_steps: int,
+    importance: Any = None,
+    accelerator: Any = None,
+) -> tuple[Any, torch.optim.lr_scheduler.LambdaLR, dict]:
+    """Carry out a controller decision (grow or prune) on the unwrapped PEFT `model` as the AdaRankConfig
+    `cfg` says, and rebuild optimizer and scheduler. Our loop and the Trainer callback both call this.
+    Returns (optimizer, scheduler, details for the rank event)."""
+    from .surgery import lora_ranks, prune_lora
+
+    step = decision.step
+    if decision.prune:
+        snapshot = snapshot_optimizer(model, optimizer)
+        report = prune_lora(model, **cfg.prune_kwargs())
+        opt, sched = _rebuild(model, optimizer, snapshot, "prune", lr, weight_decay, total_steps, warmup_steps,
+                              step, cfg.rewarmup_steps, accelerator)
+        details = {"method": cfg.prune, "modules": report}
+    else:
+        target: int | dict[str, int] = decision.rank
+        details = {}
+        if cfg.grow_top_k is not None and importance is not None:
+            ranks = lora_ranks(model)
+            chosen = importance.top(cfg.grow_top_k, [n for n, r in ranks.items() if r < cfg.r_max])
+            target = {n: min(ranks[n] + cfg.alpha, cfg.r_max) for n in chosen}
+            details = {"modules": {n: {"from_rank": ranks[n], "to_rank": r} for n, r in target.items()}}
+        opt, sched = grow_and_rebuild(
+            model, optimizer, target, cfg.strategy, seed=seed, step=step, lr=lr, weight_decay=weight_decay,
+            total_steps=total_steps, warmup_steps=warmup_steps, rewarmup_steps=cfg.rewarmup_steps,
+            accelerator=accelerator,
+        )
+    return opt, sched, details

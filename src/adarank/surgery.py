@@ -45,38 +45,39 @@ def base_weight_name(module_name: str) -> str:
 
 def grow_lora(
     model: nn.Module,
-    new_rank: int,
+    new_rank: int | dict[str, int],
     strategy: str = "merge",
     seed: int | None = None,
     adapter: str = ADAPTER,
 ) -> nn.Module:
-    """Grow every LoRA module of `model` to rank `new_rank`, in place; returns the model to keep training.
+    """Grow LoRA modules of `model` in place; returns the model to keep training.
 
-    New A entries use PEFT's default init (kaiming-uniform, a=sqrt(5)) drawn from a generator seeded with
-    `seed` when given, so that every process of a distributed run draws the same numbers."""
+    `new_rank` is one rank for every module, or a dict module name -> rank for some of them (per-layer
+    growth; the others keep their rank). New A entries use PEFT's default init (kaiming-uniform, a=sqrt(5))
+    drawn from a generator seeded with `seed` when given, so that every process of a distributed run draws
+    the same numbers."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
     layers = list(lora_layers(model, adapter))
     if not layers:
         raise ValueError(f"model has no LoRA modules for adapter {adapter!r}")
+    targets = new_rank if isinstance(new_rank, dict) else {name: new_rank for name, _ in layers}
+    unknown = sorted(set(targets) - {name for name, _ in layers})
+    if unknown:
+        raise ValueError(f"not LoRA modules of this model: {unknown}")
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     merged = getattr(model, MERGED_DELTA_ATTR, None)
     if merged is None:
         merged = {}
         setattr(model, MERGED_DELTA_ATTR, merged)
     for name, layer in layers:
-        old_rank = int(layer.r[adapter])
-        if new_rank < old_rank:
-            raise ValueError(f"{name}: new rank {new_rank} is below the current rank {old_rank}; use pruning to shrink")
-        if new_rank == old_rank:
+        old_rank, rank = int(layer.r[adapter]), targets.get(name)
+        if rank is None or rank == old_rank:
             continue
-        if not isinstance(layer.get_base_layer(), nn.Linear) or layer.use_dora.get(adapter, False):
-            raise NotImplementedError(f"{name}: rank growth supports plain LoRA on nn.Linear only")
-        if layer.use_rslora.get(adapter, False):
-            raise NotImplementedError(f"{name}: rank growth with use_rslora is not supported (scaling depends on r)")
-        scaling = float(layer.scaling[adapter])
-        lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
-        weight = lora_a.weight
+        if rank < old_rank:
+            raise ValueError(f"{name}: new rank {rank} is below the current rank {old_rank}; use prune_lora to shrink")
+        _check_plain(name, layer, adapter)
+        lora_a, lora_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
         if strategy == "merge":
             delta = layer.get_delta_weight(adapter)
             base = layer.get_base_layer().weight
@@ -85,20 +86,33 @@ def grow_lora(
             key = base_weight_name(name)
             d32 = delta.detach().float().cpu()
             merged[key] = merged[key] + d32 if key in merged else d32
-            new_a = _new_a(new_rank, layer.in_features, gen)
-            new_b = torch.zeros(layer.out_features, new_rank)
+            new_a = _new_a(rank, layer.in_features, gen)
+            new_b = torch.zeros(layer.out_features, rank)
         else:
-            new_a = torch.cat([lora_a.weight.detach().float().cpu(), _new_a(new_rank - old_rank, layer.in_features, gen)])
-            new_b = torch.cat(
-                [lora_b.weight.detach().float().cpu(), torch.zeros(layer.out_features, new_rank - old_rank)], dim=1
-            )
-        layer.lora_A[adapter] = _linear(new_a, weight)
-        layer.lora_B[adapter] = _linear(new_b, weight)
-        layer.r[adapter] = new_rank
-        layer.lora_alpha[adapter] = scaling * new_rank
-        layer.scaling[adapter] = scaling
+            new_a = torch.cat([lora_a.detach().float().cpu(), _new_a(rank - old_rank, layer.in_features, gen)])
+            new_b = torch.cat([lora_b.detach().float().cpu(), torch.zeros(layer.out_features, rank - old_rank)], dim=1)
+        set_lora_factors(layer, new_a, new_b, float(layer.scaling[adapter]), adapter)
     _sync_peft_config(model, adapter, layers)
     return model
+
+
+def _check_plain(name: str, layer: nn.Module, adapter: str) -> None:
+    if not isinstance(layer.get_base_layer(), nn.Linear) or layer.use_dora.get(adapter, False):
+        raise NotImplementedError(f"{name}: rank surgery supports plain LoRA on nn.Linear only")
+    if layer.use_rslora.get(adapter, False):
+        raise NotImplementedError(f"{name}: rank surgery with use_rslora is not supported (scaling depends on r)")
+
+
+def set_lora_factors(layer: nn.Module, a: torch.Tensor, b: torch.Tensor, scaling: float, adapter: str = ADAPTER) -> None:
+    """Install A (r x in) and B (out x r) as fresh trainable Parameters (dtype and device of the old ones),
+    with r and lora_alpha = scaling * r set so that the layer computes B·A·scaling."""
+    like = layer.lora_A[adapter].weight
+    layer.lora_A[adapter] = _linear(a, like)
+    layer.lora_B[adapter] = _linear(b, like)
+    rank = a.shape[0]
+    layer.r[adapter] = rank
+    layer.lora_alpha[adapter] = scaling * rank
+    layer.scaling[adapter] = scaling
 
 
 def _new_a(rows: int, cols: int, gen: torch.Generator | None) -> torch.Tensor:
@@ -135,3 +149,100 @@ def _sync_peft_config(model: nn.Module, adapter: str, layers: list[tuple[str, nn
 
 def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------------------------------------- pruning
+#
+#   ΔW = B·A·s = U S Vᵀ          keep the top k:   B' = U_k √(S_k / s),  A' = √(S_k / s) V_kᵀ
+#   so that B'·A'·s = U_k S_k V_kᵀ, the best rank-k approximation; ‖ΔW − ΔW_k‖_F = ‖S_{k+1:}‖.
+#   A row never shrinks below 1/√in (PEFT's init scale): for a (near-)zero singular value B' gets a (near-)
+#   zero column instead, so A' = B' = 0 - a saddle where neither factor gets a gradient - cannot happen.
+
+
+def lora_svd(layer: nn.Module, adapter: str = ADAPTER) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U (out x r), S (r), Vh (r x in) of the layer's update B·A·scaling, in fp32, from two thin QRs and an
+    r x r SVD (never the dense out x in matrix)."""
+    a = layer.lora_A[adapter].weight.detach().float()
+    b = layer.lora_B[adapter].weight.detach().float()
+    qb, rb = torch.linalg.qr(b)
+    qa, ra = torch.linalg.qr(a.T)
+    uc, s, vch = torch.linalg.svd(rb @ ra.T * float(layer.scaling[adapter]))
+    return qb @ uc, s, (qa @ vch.T).T
+
+
+def svd_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (k x in), B (out x k) with B·A·scaling = U_k S_k V_kᵀ, split by square roots; an A row never
+    shrinks below 1/√in (see above)."""
+    a_scale = torch.sqrt(s[:k] / scaling).clamp_min(1.0 / math.sqrt(vh.shape[1]))
+    b_scale = s[:k] / scaling / a_scale
+    return a_scale[:, None] * vh[:k], u[:, :k] * b_scale[None, :]
+
+
+def energy_rank(s: torch.Tensor, energy: float) -> int:
+    """The smallest k whose singular values hold at least `energy` of the squared Frobenius norm."""
+    e = s.double() ** 2
+    total = float(e.sum())
+    if total == 0.0:
+        return 1
+    cum = torch.cumsum(e, 0) / total
+    return int(torch.searchsorted(cum, torch.tensor(energy, dtype=cum.dtype) - 1e-12).item()) + 1
+
+
+def budget_ranks(spectra: dict[str, tuple[torch.Tensor, int]], budget: int) -> dict[str, int]:
+    """Global greedy choice: components ranked by squared singular value per parameter cost (in + out of
+    their module), taken while the parameter budget allows; every module keeps at least one component."""
+    ranks = {name: 1 for name in spectra}
+    used = sum(cost for _, cost in spectra.values())
+    if used > budget:
+        raise ValueError(f"prune budget {budget} is below the {used} parameters of one component per module")
+    candidates = sorted(
+        ((float(s[i]) ** 2 / cost, name, i) for name, (s, cost) in spectra.items() for i in range(1, len(s))),
+        reverse=True,
+    )
+    for _, name, i in candidates:  # within a module, values are sorted: component i comes after i - 1
+        cost = spectra[name][1]
+        if i == ranks[name] and used + cost <= budget:
+            ranks[name] += 1
+            used += cost
+    return ranks
+
+
+def prune_lora(
+    model: nn.Module,
+    rank: int | None = None,
+    energy: float | None = None,
+    budget: int | None = None,
+    adapter: str = ADAPTER,
+) -> dict[str, dict]:
+    """Shrink every LoRA module to the best rank-k approximation of its update, k chosen by exactly one of
+    a target `rank`, an `energy` threshold (per module) or a global parameter `budget` (A and B entries).
+    Modules never go below rank 1. The scaling is kept (lora_alpha follows r). Returns, per module,
+    {"from_rank", "to_rank", "error"} with error = ‖ΔW − ΔW_k‖_F = the norm of the dropped values."""
+    if sum(x is not None for x in (rank, energy, budget)) != 1:
+        raise ValueError("prune_lora needs exactly one of rank, energy or budget")
+    if rank is not None and rank < 1:
+        raise ValueError(f"prune rank must be >= 1, got {rank}")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise ValueError(f"prune energy must be in (0, 1], got {energy}")
+    layers = list(lora_layers(model, adapter))
+    svds = {}
+    for name, layer in layers:
+        _check_plain(name, layer, adapter)
+        svds[name] = lora_svd(layer, adapter)
+    if budget is not None:
+        keep = budget_ranks({n: (svds[n][1], l.in_features + l.out_features) for n, l in layers}, budget)
+    elif energy is not None:
+        keep = {n: energy_rank(svds[n][1], energy) for n, _ in layers}
+    else:
+        keep = {n: rank for n, _ in layers}
+    report = {}
+    for name, layer in layers:
+        u, s, vh = svds[name]
+        old = int(layer.r[adapter])
+        k = max(1, min(keep[name], old))
+        scaling = float(layer.scaling[adapter])
+        a, b = svd_factors(u, s, vh, k, scaling)
+        set_lora_factors(layer, a.cpu(), b.cpu(), scaling, adapter)
+        report[name] = {"from_rank": old, "to_rank": k, "error": float(torch.linalg.vector_norm(s[k:]))}
+    _sync_peft_config(model, adapter, layers)
+    return report

@@ -20,7 +20,8 @@ from .controller import RankController, decision_record
 from .data import LengthGroupedBatchSampler, load_split, make_collator, tokenize
 from .metrics import classification_metrics, decode_label
 from .modeling import apply_lora, check_tokenizer, load_base_model, load_tokenizer, resolve_model_path, save_run_model
-from .optim import build_optimizer, build_scheduler, grow_and_rebuild
+from .importance import ImportanceTracker
+from .optim import apply_decision, build_optimizer, build_scheduler
 from .report import JsonlWriter, package_versions, plot_training, write_json, write_yaml
 from .surgery import count_trainable, lora_ranks
 from .tasks import get_task
@@ -79,7 +80,8 @@ class Run:
             self.model, optimizer, train_loader, self.eval_loader
         )
         self.controller = RankController.from_config(ac, total_steps=self.total_steps)
-        self.trainable = count_trainable(self.model)
+        self.importance = ImportanceTracker(ac.importance) if ac.grow_top_k is not None else None
+        self._update_ranks()
 
     @property
     def raw_model(self) -> Any:
@@ -120,16 +122,16 @@ class Run:
 
         cfg, tc, acc = self.cfg, self.cfg.train, self.accelerator
         out = tc.output_dir
-        main = acc.is_main_process
-        if main:
+        self.main = acc.is_main_process
+        if self.main:
             os.makedirs(out, exist_ok=True)
             write_yaml(os.path.join(out, "config.yaml"), cfg.to_dict())
-            log_w, ev_w = JsonlWriter(os.path.join(out, "log.jsonl")), JsonlWriter(os.path.join(out, "rank_events.jsonl"))
-        log, events, evals = [], [], []
+            self.log_w = JsonlWriter(os.path.join(out, "log.jsonl"))
+            self.ev_w = JsonlWriter(os.path.join(out, "rank_events.jsonl"))
+        self.log, self.events, evals = [], [], []
         start = time.time()
-        step, epoch, pending, trainable_sum = 0, 0, [], 0
-        micro = []
-        bar = tqdm(total=self.total_steps, disable=not main, desc=f"{cfg.data.task} r={self.controller.rank}")
+        step, pending, micro, trainable_sum = 0, [], [], 0
+        self.bar = tqdm(total=self.total_steps, disable=not self.main, desc=self._desc())
         self.model.train()
         done = False
         while not done:
@@ -141,6 +143,8 @@ class Run:
                     micro.append(loss.detach())
                     if not acc.sync_gradients:
                         continue
+                    if self.importance is not None:
+                        self.importance.update(self.raw_model)
                     if tc.max_grad_norm > 0:
                         acc.clip_grad_norm_(self.model.parameters(), tc.max_grad_norm)
                     self.optimizer.step()
@@ -151,68 +155,81 @@ class Run:
                 pending.append(torch.stack(micro).float().mean())
                 micro = []
                 trainable_sum += self.trainable
-                bar.update(1)
+                self.bar.update(1)
                 last = step >= self.total_steps
-                if self.controller.is_check_step(step) or step % tc.logging_steps == 0 or last:
-                    losses = acc.reduce(torch.stack(pending), "mean").tolist()
-                    first = step - len(losses) + 1
-                    decision = None
-                    for i, value in enumerate(losses):
-                        decision = self.controller.observe(first + i, value)
+                if self.controller.is_decision_step(step) or step % tc.logging_steps == 0 or last:
+                    self._observe(step, pending)
                     pending = []
-                    lr = self.scheduler.get_last_lr()[0]
-                    rec = {"step": step, "epoch": round(step / self.updates_per_epoch, 4),
-                           "loss": sum(losses) / len(losses), "lr": lr, "rank": self.controller.rank
-                           if not (decision and decision.grow) else decision.from_rank}
-                    log.append(rec)
-                    if main:
-                        log_w.write(rec)
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", rank=rec["rank"], lr=f"{lr:.2e}")
-                    if decision is not None and decision.grow:
-                        self._grow(decision)
-                        event = decision_record(decision)
-                        events.append(event)
-                        if main:
-                            ev_w.write(event)
-                        bar.set_description(f"{cfg.data.task} r={self.controller.rank}")
                 if tc.eval_steps and step % tc.eval_steps == 0 and not last:
                     evals.append(self._eval_record(step))
                 if last:
                     done = True
                     break
-            epoch += 1
-            if not done or not evals or evals[-1]["step"] != step:
+            if not done or not evals or evals[-1]["step"] != step:  # every epoch's end, and the run's
                 evals.append(self._eval_record(step))
-        bar.close()
+        self.bar.close()
         wall = time.time() - start
-        results = self._results(evals, events, trainable_sum / max(1, step), wall, step)
-        if main:
+        results = self._results(evals, self.events, trainable_sum / max(1, step), wall, step)
+        if self.main:
             if tc.save_model:
                 save_run_model(self.raw_model, self.tokenizer, os.path.join(out, "model"), cfg.model.name_or_path,
                                self.seq2seq, self.task.num_labels)
             write_json(os.path.join(out, "results.json"), results)
-            plot_training(log, events, evals, os.path.join(out, "training.png"),
+            plot_training(self.log, self.events, evals, os.path.join(out, "training.png"),
                           title=f"{cfg.data.task} · {cfg.model.name_or_path} · {cfg.adarank.strategy}/{cfg.adarank.criterion}")
         acc.wait_for_everyone()
         return results
 
-    def _eval_record(self, step: int) -> dict:
-        m = self.evaluate()
-        rec = {"step": step, "epoch": round(step / self.updates_per_epoch, 4), "rank": self.controller.rank, **m}
-        self.accelerator.print(f"eval step {step}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
-        return rec
+    def _observe(self, step: int, pending: list) -> None:
+        """Sync the pending step losses (averaged over processes), feed them to the controller, log, and
+        carry out a decision. Only the last pending step can be a decision step."""
+        losses = self.accelerator.reduce(torch.stack(pending), "mean").tolist()
+        first = step - len(losses) + 1
+        for i, value in enumerate(losses):
+            decision = self.controller.observe(first + i, value)
+        lr = self.scheduler.get_last_lr()[0]
+        rec = {"step": step, "epoch": round(step / self.updates_per_epoch, 4), "loss": sum(losses) / len(losses),
+               "lr": lr, "rank": self.rank_max, "rank_mean": self.rank_mean}  # the ranks these steps trained at
+        self.log.append(rec)
+        if self.main:
+            self.log_w.write(rec)
+        self.bar.set_postfix(loss=f"{rec['loss']:.4f}", rank=rec["rank"], lr=f"{lr:.2e}")
+        if decision.action != "hold":
+            self._apply(decision)
+        if self.importance is not None and self.controller.is_check_step(step):
+            self.importance.reset()  # importance is accumulated over one check window
 
-    def _grow(self, decision: Any) -> None:
-        tc, ac = self.cfg.train, self.cfg.adarank
+    def _apply(self, decision: Any) -> None:
+        tc = self.cfg.train
         raw = self.raw_model
-        self.optimizer, self.scheduler = grow_and_rebuild(
-            raw, self.optimizer, decision.rank, ac.strategy, seed=tc.seed, step=decision.step, lr=tc.lr,
-            weight_decay=tc.weight_decay, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
-            rewarmup_steps=ac.rewarmup_steps, accelerator=self.accelerator,
+        self.optimizer, self.scheduler, details = apply_decision(
+            raw, self.optimizer, decision, self.cfg.adarank, seed=tc.seed, lr=tc.lr, weight_decay=tc.weight_decay,
+            total_steps=self.total_steps, warmup_steps=self.warmup_steps, importance=self.importance,
+            accelerator=self.accelerator,
         )
         if self.accelerator.num_processes > 1:  # DDP registered the old parameters: wrap again
             self.model = self.accelerator.prepare_model(raw)
-        self.trainable = count_trainable(raw)
+        self._update_ranks()
+        event = {**decision_record(decision), "to_rank": self.rank_max, "rank_mean": self.rank_mean, **details}
+        self.events.append(event)
+        if self.main:
+            self.ev_w.write(event)
+        self.bar.set_description(self._desc())
+
+    def _update_ranks(self) -> None:
+        ranks = list(lora_ranks(self.raw_model).values())
+        self.rank_max, self.rank_mean = max(ranks), sum(ranks) / len(ranks)
+        self.trainable = count_trainable(self.raw_model)
+
+    def _desc(self) -> str:
+        return f"{self.cfg.data.task} r={self.rank_max}" + (f" (mean {self.rank_mean:.1f})" if self.rank_mean != self.rank_max else "")
+
+    def _eval_record(self, step: int) -> dict:
+        m = self.evaluate()
+        rec = {"step": step, "epoch": round(step / self.updates_per_epoch, 4), "rank": self.rank_max,
+               "rank_mean": self.rank_mean, **m}
+        self.accelerator.print(f"eval step {step}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
+        return rec
 
     def _results(self, evals: list, events: list, trainable_avg: float, wall: float, steps: int) -> dict:
         cfg = self.cfg
@@ -227,8 +244,10 @@ class Run:
             "final": {k: v for k, v in evals[-1].items() if k not in ("step", "epoch", "rank")},
             "evals": evals,
             "rank_events": events,
-            "rank_schedule": [cfg.adarank.r0] + [e["to_rank"] for e in events],
-            "final_rank": self.controller.rank,
+            "rank_schedule": [cfg.adarank.r0] + [e["to_rank"] for e in events if e["action"] == "grow"],
+            "pruned": any(e["action"] == "prune" for e in events),
+            "final_rank": max(ranks.values()),
+            "final_rank_mean": sum(ranks.values()) / len(ranks),
             "final_ranks": ranks,
             "trainable_params_final": count_trainable(self.raw_model),
             "trainable_params_avg": trainable_avg,

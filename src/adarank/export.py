@@ -1,0 +1,129 @@
+"""Export a run as a standard PEFT LoRA adapter relative to the *original* base model, or as a merged model.
+
+For every adapted module the total update since the original base is
+
+    ΔW_total = W_now − W_original = (merged updates, kept by merge-strategy growth) + B·A·scaling
+
+factored by SVD: B = U_k √(S_k/s), A = √(S_k/s) V_kᵀ. k is the numerical rank of ΔW_total (exact), or
+`max_rank` when smaller (then the error ‖S_{k+1:}‖ is reported per module in export_log.json).
+`PeftModel.from_pretrained(original_base, OUT_DIR)` then computes what the AdaRank model computes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from typing import Any
+
+import torch
+
+from .modeling import load_base_model, load_run_model, resolve_model_path
+from .report import write_json
+from .surgery import ADAPTER, base_weight_name, lora_layers, svd_factors
+
+RANK_RTOL = 1e-6  # singular values below RANK_RTOL · s_max count as zero
+
+
+def _model_dir(run_dir: str) -> str:
+    for candidate in (os.path.join(run_dir, "model"), run_dir):
+        if os.path.isfile(os.path.join(candidate, "adarank_model.json")):
+            return candidate
+    raise FileNotFoundError(f"{run_dir}: no AdaRank run here (expected model/adarank_model.json)")
+
+
+def total_updates(model: Any, adapter: str = ADAPTER) -> dict[str, tuple[torch.Tensor, float]]:
+    """Module name -> (ΔW_total in fp32, scaling) of a loaded run model."""
+    merged = getattr(model, "adarank_merged_delta", {}) or {}
+    out = {}
+    for name, layer in lora_layers(model, adapter):
+        delta = layer.get_delta_weight(adapter).detach().float().cpu()
+        key = base_weight_name(name)
+        if key in merged:
+            delta = delta + merged[key]
+        out[name] = (delta, float(layer.scaling[adapter]))
+    return out
+
+
+def export_adapter(run_dir: str, out_dir: str, max_rank: int | None = None, merged: bool = False) -> dict:
+    """Write a PEFT adapter directory (or, with `merged`, a full merged model) for the run in `run_dir`,
+    verify it against the run model on a fixed random batch, and return the export log."""
+    model_dir = _model_dir(run_dir)
+    with open(os.path.join(model_dir, "adarank_model.json"), encoding="utf-8") as fh:
+        meta = json.load(fh)
+    run_model, tokenizer = load_run_model(model_dir)
+    run_model.eval()
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if merged:
+        log = {"format": "merged", "base_model": meta["base_model"]}
+        full = run_model.merge_and_unload()
+        full.save_pretrained(tmp)
+        exported = load_base_model(tmp, meta["num_labels"])[0]
+    else:
+        exported, log = _build_adapter(run_model, meta, max_rank)
+        exported.save_pretrained(tmp)
+        from peft import PeftModel
+
+        exported = PeftModel.from_pretrained(load_base_model(resolve_model_path(meta["base_model"]), meta["num_labels"])[0], tmp)
+    tokenizer.save_pretrained(tmp)
+    run_model, _ = load_run_model(model_dir)  # merge_and_unload changed the first one
+    log["max_abs_logit_diff"] = _compare(run_model, exported, meta["seq2seq"], len(tokenizer))
+    write_json(os.path.join(tmp, "export_log.json"), log)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return log
+
+
+def _build_adapter(run_model: Any, meta: dict, max_rank: int | None) -> tuple[Any, dict]:
+    from peft import LoraConfig, get_peft_model
+
+    run_cfg = run_model.peft_config[ADAPTER]
+    factors, modules = {}, {}
+    for name, (delta, scaling) in total_updates(run_model).items():
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        numerical = int((s > RANK_RTOL * s[0]).sum()) if s[0] > 0 else 0
+        k = max(1, min(numerical, max_rank) if max_rank else numerical)
+        factors[name] = (*svd_factors(u, s, vh, k, scaling), scaling)
+        norm = float(torch.linalg.vector_norm(s))
+        err = float(torch.linalg.vector_norm(s[k:]))
+        modules[name] = {"numerical_rank": numerical, "exported_rank": k, "exact": k >= numerical,
+                         "frobenius_error": err, "relative_error": err / norm if norm else 0.0}
+    short = {n: n.removeprefix("base_model.model.") for n in factors}
+    ranks = {short[n]: f[0].shape[0] for n, f in factors.items()}
+    alphas = {short[n]: f[2] * f[0].shape[0] for n, f in factors.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    lora_alpha = next(a for n, a in alphas.items() if ranks[n] == r)
+    config = LoraConfig(
+        r=r, lora_alpha=lora_alpha, target_modules=sorted(run_cfg.target_modules), lora_dropout=run_cfg.lora_dropout,
+        task_type=run_cfg.task_type, modules_to_save=run_cfg.modules_to_save,
+        rank_pattern={n: k for n, k in ranks.items() if k != r},
+        alpha_pattern={n: a for n, a in alphas.items() if ranks[n] != r},
+    )
+    base = load_base_model(resolve_model_path(meta["base_model"]), meta["num_labels"])[0]
+    peft_model = get_peft_model(base, config)
+    layers = dict(lora_layers(peft_model))
+    with torch.no_grad():
+        for name, (a, b, _) in factors.items():
+            layers[name].lora_A[ADAPTER].weight.copy_(a)
+            layers[name].lora_B[ADAPTER].weight.copy_(b)
+        trained = dict(run_model.named_parameters())
+        for pname, p in peft_model.named_parameters():
+            if "modules_to_save" in pname:
+                p.copy_(trained[pname])
+    log = {"format": "peft_lora", "base_model": meta["base_model"], "r": r, "lora_alpha": lora_alpha,
+           "rank_pattern": config.rank_pattern, "modules": modules,
+           "exact": all(m["exact"] for m in modules.values())}
+    return peft_model, log
+
+
+@torch.no_grad()
+def _compare(a: Any, b: Any, seq2seq: bool, vocab: int) -> float:
+    """Max abs logit difference of two models on a fixed random batch."""
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(5, max(6, vocab), (4, 24), generator=g)}
+    if seq2seq:
+        batch["decoder_input_ids"] = torch.randint(5, max(6, vocab), (4, 4), generator=g)
+    a.eval(), b.eval()
+    return float((a(**batch).logits - b(**batch).logits).abs().max())
