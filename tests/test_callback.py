@@ -94,3 +94,29 @@ def test_callback_needs_attach(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     with pytest.raises(RuntimeError, match="attach"):
         cb.on_train_begin(args, TrainerState(), TrainerControl())
+
+
+def test_callback_with_seq2seq_trainer_on_tiny_t5(tmp_path, t5_tok):
+    """Seq2SeqTrainer + callback on the text-to-text path: growth happens, the Trainer's optimizer holds
+    the grown adapter and training goes on with finite losses."""
+    from conftest import tiny_t5
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    glue = write_glue(tmp_path / "glue", n_train=16, n_eval=8)
+    task = get_task("mrpc")
+    train_ds = [{k: v for k, v in x.items() if k != "class_label"}
+                for x in tokenize(load_split(task, "train", glue), task, t5_tok, True, 48, 4)]
+    ac = AdaRankConfig(r0=2, r_max=6, alpha=2, tol=0.0, check_every=2, warmup_steps=2, criterion="threshold")
+    model = apply_lora(tiny_t5(vocab_size=len(t5_tok)), True, ac.r0, 2 * ac.r0, None, 0.0)
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path / "t"), per_device_train_batch_size=8, max_steps=8,
+                                    learning_rate=1e-2, report_to=[], save_strategy="no", eval_strategy="no",
+                                    logging_strategy="no", use_cpu=True, remove_unused_columns=False)
+    from transformers import DataCollatorForSeq2Seq
+
+    trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=train_ds, data_collator=DataCollatorForSeq2Seq(t5_tok))
+    cb = AdaRankCallback(ac).attach(trainer)
+    trainer.train()
+    assert [(e["step"], e["to_rank"]) for e in cb.events] == [(2, 4), (4, 6)]
+    assert len(cb.losses) == 8 and all(torch.isfinite(torch.tensor(cb.losses)))
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert {id(p) for g in inner.param_groups for p in g["params"]} == {id(p) for p in model.parameters() if p.requires_grad}

@@ -9,8 +9,9 @@ from .controller import Decision, RankController
 from .data import DataError
 from .metrics import classification_metrics, decode_label
 from .modeling import ModelError, check_tokenizer, load_run_model
-from .optim import build_optimizer, build_scheduler, grow_and_rebuild, rebuild_after_growth
-from .surgery import grow_lora, lora_ranks
+from .importance import ImportanceTracker
+from .optim import apply_decision, build_optimizer, build_scheduler, grow_and_rebuild, rebuild_after_growth
+from .surgery import grow_lora, lora_ranks, prune_lora
 from .tasks import TASKS, TaskSpec, get_task
 
 __version__ = "0.1.0"
@@ -21,6 +22,10 @@ def __getattr__(name: str):  # heavy imports only when asked for
         from .callback import AdaRankCallback
 
         return AdaRankCallback
+    if name == "export_adapter":
+        from .export import export_adapter
+
+        return export_adapter
     if name == "train":
         from .train import train
 
@@ -29,7 +34,7 @@ def __getattr__(name: str):  # heavy imports only when asked for
 
 
 __all__ = [
-    "AdaRankCallback", "AdaRankCfg", "AdaRankConfig", "ConfigError", "DataConfig", "DataError", "Decision",
+    "AdaRankCallback", "AdaRankCfg", "ImportanceTracker", "apply_decision", "export_adapter", "prune_lora", "AdaRankConfig", "ConfigError", "DataConfig", "DataError", "Decision",
     "ModelConfig", "ModelError", "RankController", "RunConfig", "TASKS", "TaskSpec", "TrainConfig",
     "build_optimizer", "build_scheduler", "check_tokenizer", "classification_metrics", "decode_label",
     "get_task", "grow_and_rebuild", "grow_lora", "load_config", "load_run_model", "lora_ranks",

@@ -62,8 +62,8 @@ def package_versions() -> dict[str, str]:
 
 
 def plot_training(log: list[dict], events: list[dict], evals: list[dict], path: str, title: str = "") -> None:
-    """Two panels over optimizer steps: training loss with rank-change markers (and validation accuracy),
-    and the LoRA rank."""
+    """Two panels over optimizer steps: training loss with growth (red) and prune (black) markers and the
+    validation accuracy; the LoRA rank in effect (max and mean over modules)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,9 +72,12 @@ def plot_training(log: list[dict], events: list[dict], evals: list[dict], path: 
     fig, (ax_loss, ax_rank) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=[2, 1])
     steps = [r["step"] for r in log]
     ax_loss.plot(steps, [r["loss"] for r in log], color="tab:blue", label="train loss")
-    for i, ev in enumerate(events):
-        ax_loss.axvline(ev["step"], color="tab:red", linestyle="--", alpha=0.6,
-                        label="rank change" if i == 0 else None)
+    styles = {"grow": ("tab:red", "--", "rank growth"), "prune": ("black", ":", "SVD prune")}
+    seen = set()
+    for ev in events:
+        color, style, label = styles[ev["action"]]
+        ax_loss.axvline(ev["step"], color=color, linestyle=style, alpha=0.7, label=None if label in seen else label)
+        seen.add(label)
     ax_loss.set_ylabel("training loss")
     if evals:
         ax_acc = ax_loss.twinx()
@@ -82,7 +85,11 @@ def plot_training(log: list[dict], events: list[dict], evals: list[dict], path: 
         ax_acc.set_ylabel("validation accuracy")
         ax_acc.legend(loc="upper right")
     ax_loss.legend(loc="upper left")
-    ax_rank.step(steps, [r["rank"] for r in log], where="pre", color="tab:purple")  # rank during the steps up to x
+    # a log record's rank is the one its steps trained at: draw it over the steps up to x
+    ax_rank.step(steps, [r["rank"] for r in log], where="pre", color="tab:purple", label="max over modules")
+    if any(r.get("rank_mean", r["rank"]) != r["rank"] for r in log):
+        ax_rank.step(steps, [r["rank_mean"] for r in log], where="pre", color="tab:orange", label="mean over modules")
+        ax_rank.legend(loc="upper left")
     ax_rank.set_ylabel("LoRA rank")
     ax_rank.set_xlabel("optimizer step")
     if title:
