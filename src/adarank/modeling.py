@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .surgery import MERGED_DELTA_ATTR, lora_layers
+from .surgery import MERGED_DELTA_ATTR
 
 DEFAULT_TARGETS = {
     "t5": ["q", "v"], "mt5": ["q", "v"], "umt5": ["q", "v"],
@@ -146,5 +146,3 @@ def load_run_model(model_dir: str) -> tuple[nn.Module, Any]:
 
     return model, AutoTokenizer.from_pretrained(os.path.join(model_dir, "tokenizer"))
 
-
-__all__ = ["load_run_model", "save_run_model", "apply_lora", "lora_layers"]

@@ -1,7 +1,7 @@
 """Our training loop, on Accelerate (the same code runs under `accelerate launch`).
 
-setup -> loop (forward, backward, step; controller; growth) -> evaluate -> save. Losses stay on the
-device and are synced in one batch at logging and check steps, not every step.
+setup -> loop (forward, backward, step; controller; growth or prune) -> evaluate -> save. Losses stay on
+the device and are synced in one batch at logging and decision steps, not every step.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -19,8 +18,8 @@ from .config import RunConfig
 from .controller import RankController, decision_record
 from .data import LengthGroupedBatchSampler, load_split, make_collator, tokenize
 from .metrics import classification_metrics, decode_label
-from .modeling import apply_lora, check_tokenizer, load_base_model, load_tokenizer, resolve_model_path, save_run_model
 from .importance import ImportanceTracker
+from .modeling import apply_lora, check_tokenizer, load_base_model, load_tokenizer, resolve_model_path, save_run_model
 from .optim import apply_decision, build_optimizer, build_scheduler
 from .report import JsonlWriter, package_versions, plot_training, write_json, write_yaml
 from .surgery import count_trainable, lora_ranks
@@ -266,4 +265,4 @@ def train(cfg: RunConfig, model: Any = None, tokenizer: Any = None) -> dict:
     return Run(cfg, model=model, tokenizer=tokenizer).train()
 
 
-__all__ = ["Run", "train", "asdict"]
+__all__ = ["Run", "train"]
