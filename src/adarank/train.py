@@ -236,6 +236,7 @@ class Run:
         return {
             "task": cfg.data.task,
             "model": cfg.model.name_or_path,
+            "model_path": self.model_path,
             "strategy": cfg.adarank.strategy,
             "criterion": cfg.adarank.criterion,
             "growth_enabled": cfg.adarank.growth_enabled,
