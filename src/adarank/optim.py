@@ -1,14 +1,16 @@
 """Optimizer, LR schedule and GradScaler, built at the start and rebuilt after every rank change.
 
-One function, `rebuild_after_growth`, is shared by our loop and the Trainer callback. Surgery replaces
-LoRA Parameters, so the old optimizer would keep updating tensors the model no longer uses; a new
+`apply_decision` (grow or prune, then rebuild) is what our loop and the Trainer callback both call. Surgery
+replaces LoRA Parameters, so the old optimizer would keep updating tensors the model no longer uses; a new
 AdamW is built over the current trainable parameters and the old state is carried as follows:
 
-- a parameter that surgery did not replace (e.g. the classification head): its AdamW state is kept;
+- a parameter that surgery did not replace (the classification head, modules that per-layer growth left
+  alone): its AdamW state is kept;
 - `expand`: the grown A and B inherit the moments of their old entries (zero-padded for the new rows of A
   and columns of B) and the step count, so old directions keep their adaptive step sizes while new ones
   start from zero moments;
-- `merge`: the fresh adapter starts with empty state (as in the original notebook).
+- `merge`: the fresh adapter starts with empty state (as in the original notebook);
+- prune: the re-factored A and B start with empty state (their coordinates changed with the SVD).
 
 LR schedule: one global schedule over the whole run (linear warmup, then linear decay to 0 at the last
 step). After a growth the new scheduler continues that global schedule at the current step, optionally
