@@ -1,6 +1,6 @@
 """AdaRank vs fixed-rank LoRA on MRPC with MiniLM-L6 (offline), through the `adarank` CLI.
 
-    python benchmarks/mrpc_minilm.py                 # train what is missing, then write the table
+    python benchmarks/mrpc_minilm.py                 # train the runs that have no results yet, then write the table
     python benchmarks/mrpc_minilm.py --report-only   # regenerate docs/mrpc_minilm.md from the JSON files
     python benchmarks/mrpc_minilm.py --only merge_plateau --epochs 1
 
@@ -25,12 +25,19 @@ BASE = "configs/mrpc_minilm.yaml"
 FIXED = "configs/mrpc_minilm_lora_r8.yaml"
 
 
-def _fixed_at_pruned_mean() -> list[str]:
-    """Fixed-rank LoRA at the (rounded) mean final rank of the pruned run: same parameters, no growth."""
-    with open(os.path.join(RESULTS, "merge_plateau_prune.json")) as fh:
-        ranks = json.load(fh)["final_ranks"]
-    r = max(1, round(sum(ranks.values()) / len(ranks)))
-    return [f"adarank.r0={r}", f"adarank.r_max={r}"]
+def _fixed_at_pruned_mean(pruned_run: str):
+    """Fixed-rank LoRA at the (rounded) mean final rank of a pruned run: same parameters, no growth."""
+
+    def overrides() -> list[str]:
+        with open(os.path.join(RESULTS, f"{pruned_run}.json")) as fh:
+            ranks = json.load(fh)["final_ranks"]
+        r = max(1, round(sum(ranks.values()) / len(ranks)))
+        return [f"adarank.r0={r}", f"adarank.r_max={r}"]
+
+    return overrides
+
+
+PRUNE = ["adarank.prune=energy", "adarank.prune_energy=0.9", "adarank.prune_at=0.75"]
 
 
 RUNS = {  # name: (config, overrides, or a function giving them from earlier results); trained in this order
@@ -38,12 +45,16 @@ RUNS = {  # name: (config, overrides, or a function giving them from earlier res
     "expand_plateau": (BASE, ["adarank.strategy=expand", "adarank.criterion=plateau"]),
     "lora_r8": (FIXED, []),
     # the full cycle: growth, then SVD pruning (energy 0.9 per module) at 75% of the run, then training on
-    "merge_plateau_prune": (BASE, ["adarank.prune=energy", "adarank.prune_energy=0.9", "adarank.prune_at=0.75"]),
-    "lora_pruned_mean": (FIXED, _fixed_at_pruned_mean),
+    "merge_plateau_prune": (BASE, ["adarank.strategy=merge", *PRUNE]),
+    "lora_pruned_mean": (FIXED, _fixed_at_pruned_mean("merge_plateau_prune")),
     "merge_threshold": (BASE, ["adarank.strategy=merge", "adarank.criterion=threshold"]),
     # per-layer growth: only the 6 of 12 modules with the largest gradient norm grow at each growth
-    "merge_plateau_top6": (BASE, ["adarank.grow_top_k=6", "adarank.importance=grad_norm"]),
+    "merge_plateau_top6": (BASE, ["adarank.strategy=merge", "adarank.grow_top_k=6", "adarank.importance=grad_norm"]),
     "expand_threshold": (BASE, ["adarank.strategy=expand", "adarank.criterion=threshold"]),
+    # the same three questions for the expand strategy
+    "expand_plateau_prune": (BASE, ["adarank.strategy=expand", *PRUNE]),
+    "lora_pruned_mean_expand": (FIXED, _fixed_at_pruned_mean("expand_plateau_prune")),
+    "expand_plateau_top6": (BASE, ["adarank.strategy=expand", "adarank.grow_top_k=6", "adarank.importance=grad_norm"]),
 }
 
 
@@ -73,14 +84,44 @@ def fmt_int(x: float) -> str:
     return f"{x:,.0f}"
 
 
+PAIRS = [  # (run, reference, what the comparison asks)
+    ("expand_plateau", "lora_r8", "AdaRank (expand, the default) vs fixed-rank LoRA r=8"),
+    ("merge_plateau", "lora_r8", "AdaRank (merge, the original) vs fixed-rank LoRA r=8"),
+    ("expand_plateau", "merge_plateau", "expand vs merge (plateau)"),
+    ("expand_threshold", "merge_threshold", "expand vs merge (threshold)"),
+    ("expand_threshold", "expand_plateau", "threshold vs plateau (expand)"),
+    ("merge_threshold", "merge_plateau", "threshold vs plateau (merge)"),
+    ("merge_plateau_prune", "merge_plateau", "with the prune phase vs without (merge, plateau)"),
+    ("merge_plateau_prune", "lora_pruned_mean", "pruned AdaRank vs fixed-rank LoRA at its mean final rank"),
+    ("merge_plateau_top6", "merge_plateau", "per-layer growth (top-6 modules) vs every module (merge, plateau)"),
+    ("expand_plateau_prune", "expand_plateau", "with the prune phase vs without (expand, plateau)"),
+    ("expand_plateau_prune", "lora_pruned_mean_expand", "pruned AdaRank (expand) vs fixed-rank LoRA at its mean final rank"),
+    ("expand_plateau_top6", "expand_plateau", "per-layer growth (top-6 modules) vs every module (expand, plateau)"),
+]
+
+
+def comparisons(results: dict[str, dict]) -> list[str]:
+    """Differences computed from the results files: accuracy and F1 in points, parameters as ratios."""
+    lines = []
+    for run, ref, what in PAIRS:
+        if run in results and ref in results:
+            a, b = results[run], results[ref]
+            d_acc = 100 * (a["final"]["accuracy"] - b["final"]["accuracy"])
+            d_f1 = 100 * (a["final"]["f1_macro"] - b["final"]["f1_macro"])
+            ratio = a["trainable_params_avg"] / b["trainable_params_avg"]
+            lines.append(f"- {what} (`{run}` − `{ref}`): accuracy {d_acc:+.2f} points, F1 macro {d_f1:+.2f} points, "
+                         f"step-averaged trainable parameters ×{ratio:.2f}")
+    return lines
+
+
 def report() -> str:
-    rows, versions, commands = [], None, []
+    rows, versions, commands, results = [], None, [], {}
     for name in RUNS:
         path = os.path.join(RESULTS, f"{name}.json")
         if not os.path.exists(path):
             continue
         with open(path) as fh:
-            r = json.load(fh)
+            r = results[name] = json.load(fh)
         f = r["final"]
         sched = r["rank_schedule"]
         rows.append(
@@ -100,13 +141,16 @@ def report() -> str:
         "# MRPC · all-MiniLM-L6-v2 · AdaRank vs fixed-rank LoRA",
         "",
         "Generated by `python benchmarks/mrpc_minilm.py --report-only` from `docs/results/mrpc_minilm/*.json`;",
-        "rerun the training with `python benchmarks/mrpc_minilm.py` (about 6–8 minutes per run on 2 CPU cores).",
+        "rerun the training with `python benchmarks/mrpc_minilm.py` (the wall time of each run is in the table).",
         "Validation split (408 pairs). One seed per run: differences of about one point are within seed noise here.",
         "`p` marks the prune event; ranks in the schedule are the largest over modules.",
         "",
         "| run | method | criterion | accuracy | F1 macro | F1 (equivalent) | eval loss | rank schedule | rank events (steps) | final mean rank | trainable params (final) | trainable params (avg over steps) | wall time (s) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
+        "",
+        "Differences (from the same files; one seed, so read a gap of a point or two as noise):",
+        *comparisons(results),
         "",
         "Settings:",
         *commands,

@@ -66,7 +66,7 @@ class AdaRankConfig:
     check_every: int = 50
     warmup_steps: int = 50
     criterion: str = "plateau"
-    strategy: str = "merge"
+    strategy: str = "expand"
     lora_alpha_ratio: float = 2.0
     target_modules: list[str] | None = None
     lora_dropout: float = 0.0
