@@ -79,7 +79,8 @@ class AdaRankCallback(TrainerCallback):
         if decision.action != "hold":
             details = self._apply(decision, args, state)
             ranks = lora_ranks(self.trainer.accelerator.unwrap_model(self.trainer.model))
-            self.events.append({**decision_record(decision), "to_rank": max(ranks.values()), **details})
+            self.events.append({**decision_record(decision), "to_rank": max(ranks.values()),
+                                "rank_mean": sum(ranks.values()) / len(ranks), **details})
         if self.importance is not None and self.controller.is_check_step(state.global_step):
             self.importance.reset()
         return control
