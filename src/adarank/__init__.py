@@ -34,7 +34,8 @@ def __getattr__(name: str):  # heavy imports only when asked for
 
 
 __all__ = [
-    "AdaRankCallback", "AdaRankCfg", "ImportanceTracker", "apply_decision", "export_adapter", "prune_lora", "AdaRankConfig", "ConfigError", "DataConfig", "DataError", "Decision",
+    "AdaRankCallback", "AdaRankCfg", "AdaRankConfig", "ConfigError", "DataConfig", "DataError", "Decision",
+    "ImportanceTracker", "apply_decision", "export_adapter", "prune_lora",
     "ModelConfig", "ModelError", "RankController", "RunConfig", "TASKS", "TaskSpec", "TrainConfig",
     "build_optimizer", "build_scheduler", "check_tokenizer", "classification_metrics", "decode_label",
     "get_task", "grow_and_rebuild", "grow_lora", "load_config", "load_run_model", "lora_ranks",

@@ -22,7 +22,7 @@ from .config import AdaRankConfig
 from .controller import RankController, decision_record
 from .importance import ImportanceTracker
 from .optim import apply_decision
-from .surgery import lora_ranks
+from .surgery import rank_summary
 
 
 class AdaRankCallback(TrainerCallback):
@@ -78,9 +78,8 @@ class AdaRankCallback(TrainerCallback):
         decision = self.controller.observe(state.global_step, loss)
         if decision.action != "hold":
             details = self._apply(decision, args, state)
-            ranks = lora_ranks(self.trainer.accelerator.unwrap_model(self.trainer.model))
-            self.events.append({**decision_record(decision), "to_rank": max(ranks.values()),
-                                "rank_mean": sum(ranks.values()) / len(ranks), **details})
+            _, rank_max, rank_mean = rank_summary(self.trainer.accelerator.unwrap_model(self.trainer.model))
+            self.events.append({**decision_record(decision), "to_rank": rank_max, "rank_mean": rank_mean, **details})
         if self.importance is not None and self.controller.is_check_step(state.global_step):
             self.importance.reset()
         return control

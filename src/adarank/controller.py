@@ -10,9 +10,10 @@ Every `check_every` optimizer steps after `warmup_steps`, the controller looks a
 needs two windows at the new rank before it can grow again.
 
 With pruning on, a "prune" decision comes once, at the first step where `step >= ceil(prune_at·total_steps)`
-or, when `prune_after_r_max_steps` is set, that many steps after r_max was reached; no growth follows it. A window holding a non-finite loss never
-triggers growth. In several processes the loop hands in the loss averaged over processes, so every process
-takes the same decision.
+or, when `prune_after_r_max_steps` is set, that many steps after r_max was reached; no growth follows it.
+
+A window holding a non-finite loss never triggers growth. In several processes the loop hands in the loss
+averaged over processes, so every process takes the same decision.
 """
 
 from __future__ import annotations

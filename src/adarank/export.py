@@ -21,7 +21,7 @@ import torch
 
 from .modeling import load_base_model, load_run_model, resolve_model_path
 from .report import write_json
-from .surgery import ADAPTER, base_weight_name, lora_layers, svd_factors
+from .surgery import ADAPTER, MERGED_DELTA_ATTR, base_module_name, base_weight_name, lora_layers, svd_factors
 
 RANK_RTOL = 1e-6  # singular values below RANK_RTOL · s_max count as zero
 
@@ -35,7 +35,7 @@ def _model_dir(run_dir: str) -> str:
 
 def total_updates(model: Any, adapter: str = ADAPTER) -> dict[str, tuple[torch.Tensor, float]]:
     """Module name -> (ΔW_total in fp32, scaling) of a loaded run model."""
-    merged = getattr(model, "adarank_merged_delta", {}) or {}
+    merged = getattr(model, MERGED_DELTA_ATTR, {}) or {}
     out = {}
     for name, layer in lora_layers(model, adapter):
         delta = layer.get_delta_weight(adapter).detach().float().cpu()
@@ -58,9 +58,9 @@ def export_adapter(run_dir: str, out_dir: str, max_rank: int | None = None, merg
     shutil.rmtree(tmp, ignore_errors=True)
     if merged:
         log = {"format": "merged", "base_model": meta["base_model"]}
-        full = run_model.merge_and_unload()
-        full.save_pretrained(tmp)
+        run_model.merge_and_unload().save_pretrained(tmp)
         exported = load_base_model(tmp, meta["num_labels"])[0]
+        run_model, _ = load_run_model(model_dir)  # merge_and_unload folded the adapter into this copy
     else:
         exported, log = _build_adapter(run_model, meta, max_rank)
         exported.save_pretrained(tmp)
@@ -68,7 +68,6 @@ def export_adapter(run_dir: str, out_dir: str, max_rank: int | None = None, merg
 
         exported = PeftModel.from_pretrained(load_base_model(resolve_model_path(meta["base_model"]), meta["num_labels"])[0], tmp)
     tokenizer.save_pretrained(tmp)
-    run_model, _ = load_run_model(model_dir)  # merge_and_unload changed the first one
     log["max_abs_logit_diff"] = _compare(run_model, exported, meta["seq2seq"], len(tokenizer))
     write_json(os.path.join(tmp, "export_log.json"), log)
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -90,9 +89,8 @@ def _build_adapter(run_model: Any, meta: dict, max_rank: int | None) -> tuple[An
         err = float(torch.linalg.vector_norm(s[k:]))
         modules[name] = {"numerical_rank": numerical, "exported_rank": k, "exact": k >= numerical,
                          "frobenius_error": err, "relative_error": err / norm if norm else 0.0}
-    short = {n: n.removeprefix("base_model.model.") for n in factors}
-    ranks = {short[n]: f[0].shape[0] for n, f in factors.items()}
-    alphas = {short[n]: f[2] * f[0].shape[0] for n, f in factors.items()}
+    ranks = {base_module_name(n): f[0].shape[0] for n, f in factors.items()}
+    alphas = {base_module_name(n): f[2] * f[0].shape[0] for n, f in factors.items()}
     r = Counter(ranks.values()).most_common(1)[0][0]
     lora_alpha = next(a for n, a in alphas.items() if ranks[n] == r)
     config = LoraConfig(

@@ -36,11 +36,20 @@ def lora_ranks(model: nn.Module, adapter: str = ADAPTER) -> dict[str, int]:
     return {name: int(layer.r[adapter]) for name, layer in lora_layers(model, adapter)}
 
 
+def base_module_name(module_name: str) -> str:
+    """A PeftModel module name as the original model names it (PEFT's rank_pattern keys use this too)."""
+    return module_name.removeprefix("base_model.model.")
+
+
 def base_weight_name(module_name: str) -> str:
     """The original model's parameter name of an adapted module's weight."""
-    prefix = "base_model.model."
-    name = module_name[len(prefix):] if module_name.startswith(prefix) else module_name
-    return f"{name}.weight"
+    return f"{base_module_name(module_name)}.weight"
+
+
+def rank_summary(model: nn.Module, adapter: str = ADAPTER) -> tuple[dict[str, int], int, float]:
+    """(ranks per module, max rank, mean rank)."""
+    ranks = lora_ranks(model, adapter)
+    return ranks, max(ranks.values()), sum(ranks.values()) / len(ranks)
 
 
 def grow_lora(
@@ -140,11 +149,8 @@ def _sync_peft_config(model: nn.Module, adapter: str, layers: list[tuple[str, nn
     common = max(set(ranks.values()), key=list(ranks.values()).count)
     config.r = common
     config.lora_alpha = next(alphas[n] for n, r in ranks.items() if r == common)
-    prefix = "base_model.model."
-    config.rank_pattern = {n[len(prefix):] if n.startswith(prefix) else n: r for n, r in ranks.items() if r != common}
-    config.alpha_pattern = {
-        (n[len(prefix):] if n.startswith(prefix) else n): alphas[n] for n, r in ranks.items() if r != common
-    }
+    config.rank_pattern = {base_module_name(n): r for n, r in ranks.items() if r != common}
+    config.alpha_pattern = {base_module_name(n): alphas[n] for n, r in ranks.items() if r != common}
 
 
 def count_trainable(model: nn.Module) -> int:

@@ -22,7 +22,7 @@ from .importance import ImportanceTracker
 from .modeling import apply_lora, check_tokenizer, load_base_model, load_tokenizer, resolve_model_path, save_run_model
 from .optim import apply_decision, build_optimizer, build_scheduler
 from .report import JsonlWriter, package_versions, plot_training, write_json, write_yaml
-from .surgery import count_trainable, lora_ranks
+from .surgery import count_trainable, rank_summary
 from .tasks import get_task
 
 
@@ -216,8 +216,7 @@ class Run:
         self.bar.set_description(self._desc())
 
     def _update_ranks(self) -> None:
-        ranks = list(lora_ranks(self.raw_model).values())
-        self.rank_max, self.rank_mean = max(ranks), sum(ranks) / len(ranks)
+        _, self.rank_max, self.rank_mean = rank_summary(self.raw_model)
         self.trainable = count_trainable(self.raw_model)
 
     def _desc(self) -> str:
@@ -232,7 +231,7 @@ class Run:
 
     def _results(self, evals: list, events: list, trainable_avg: float, wall: float, steps: int) -> dict:
         cfg = self.cfg
-        ranks = lora_ranks(self.raw_model)
+        ranks, rank_max, rank_mean = rank_summary(self.raw_model)
         return {
             "task": cfg.data.task,
             "model": cfg.model.name_or_path,
@@ -246,10 +245,10 @@ class Run:
             "rank_events": events,
             "rank_schedule": [cfg.adarank.r0] + [e["to_rank"] for e in events if e["action"] == "grow"],
             "pruned": any(e["action"] == "prune" for e in events),
-            "final_rank": max(ranks.values()),
-            "final_rank_mean": sum(ranks.values()) / len(ranks),
+            "final_rank": rank_max,
+            "final_rank_mean": rank_mean,
             "final_ranks": ranks,
-            "trainable_params_final": count_trainable(self.raw_model),
+            "trainable_params_final": self.trainable,
             "trainable_params_avg": trainable_avg,
             "steps": steps,
             "wall_time_s": wall,
