@@ -43,6 +43,33 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .bench import run_bench
+
+    command = "adarank " + " ".join(shlex.quote(a) for a in sys.argv[1:])  # provenance, in every results file
+    out = run_bench(
+        args.suite, args.output_dir, results_dir=args.results_dir, seeds=args.seeds,
+        methods=args.methods.split(",") if args.methods else None, quick=args.quick, jobs=args.jobs,
+        data_dir=args.data_dir, overrides=args.set, force=args.force, command=command,
+    )
+    print(f"bench: {len(out['ran'])} run(s), {len(out['skipped'])} skipped, {len(out['failed'])} failed; "
+          f"report: {out['report']}")
+    if out["failed"]:
+        for key, log in out["failed"].items():
+            print(f"bench: failed {key}: see {log}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .bench_report import write_report
+
+    print(f"report written to {write_report(args.results_dir, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adarank", description="Adaptive-rank LoRA fine-tuning.")
     sub = parser.add_subparsers(dest="verb", required=True)
@@ -61,11 +88,33 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-rank", type=int, help="cap the exported rank per module (SVD truncation; errors logged)")
     e.add_argument("--merged", action="store_true", help="write a full merged model instead of an adapter")
     e.set_defaults(func=_export)
+    b = sub.add_parser("bench", help="run a grid of methods x seeds from a suite of configs and report it")
+    b.add_argument("--suite", default="configs/bench/mrpc_minilm", help="directory of method configs (default: %(default)s)")
+    b.add_argument("--output-dir", default=None, help="run outputs (default: out/bench, or out/bench_quick with --quick)")
+    b.add_argument("--results-dir", help="where the per-run results JSON and the report go (default: OUTPUT_DIR/results)")
+    b.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (quick: 0)")
+    b.add_argument("--methods", help="comma-separated method names of the suite (default: all)")
+    b.add_argument("--quick", action="store_true", help="1 seed, 256 training / 128 validation examples, 16 steps")
+    b.add_argument("--jobs", type=int, default=1, help="runs at the same time (the cores are shared out)")
+    b.add_argument("--data-dir", help="= data.data_dir for every run")
+    b.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override for every run (repeatable)")
+    b.add_argument("--force", action="store_true", help="rerun runs that already have a results file")
+    b.set_defaults(func=_bench)
+    r = sub.add_parser("report", help="regenerate a bench's Markdown table and plots from its results files")
+    r.add_argument("results_dir", help="directory of <method>__seed<k>.json files")
+    r.add_argument("--out", help="Markdown file to write (default: RESULTS_DIR/RESULTS.md); plots go beside it")
+    r.set_defaults(func=_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "verb", None) == "bench":
+        if args.output_dir is None:
+            args.output_dir = "out/bench_quick" if args.quick else "out/bench"
+        if args.jobs < 1:
+            print("adarank: error: --jobs must be >= 1", file=sys.stderr)
+            return 2
     try:
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError) as exc:

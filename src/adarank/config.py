@@ -8,6 +8,7 @@ the command line. Every check raises `ConfigError` naming the offending field.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ CRITERIA = ("plateau", "threshold")
 STRATEGIES = ("merge", "expand")
 PRUNE_METHODS = ("none", "rank", "energy", "budget")
 IMPORTANCE = ("grad_norm", "sensitivity")
+METHODS = ("adarank", "lora", "adalora", "head", "full", "zero_shot")
 
 
 class ConfigError(ValueError):
@@ -213,7 +215,61 @@ class TrainConfig:
             raise ConfigError(f"train.mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "adarank": AdaRankConfig}
+@dataclass
+class MethodConfig:
+    """What is trained. name:
+    "adarank" - PEFT LoRA at `adarank.r0` whose rank the controller grows (and prunes) as `adarank` says;
+    "lora" - fixed-rank PEFT LoRA at rank `adarank.r0` (lora_alpha = lora_alpha_ratio · r, same targets;
+        no controller: growth and pruning are off);
+    "adalora" - PEFT AdaLoRA on the same targets as the `adalora` section says;
+    "head" - backbone frozen, only the classification head trains (classifiers only);
+    "full" - every parameter trains;
+    "zero_shot" - no training: the pretrained model is evaluated as it is (text-to-text models only)."""
+
+    name: str = "adarank"
+
+    def __post_init__(self) -> None:
+        if self.name not in METHODS:
+            raise ConfigError(f"method.name must be one of {list(METHODS)}, got {self.name!r}")
+
+
+@dataclass
+class AdaLoraSettings:
+    """PEFT AdaLoRA (method.name = adalora). Ranks start at init_r and AdaLoRA's budget allocator brings the
+    average down to target_r; lora_alpha = adarank.lora_alpha_ratio · target_r. The allocation schedule is
+    given as fractions of the run's optimizer steps (PEFT's total_step is set to the real number of steps):
+    tinit_ratio of warmup before pruning starts, tfinal_ratio of final fine-tuning at the final budget;
+    delta_t steps between two allocations. beta1/beta2: EMA factors of the importance scores."""
+
+    init_r: int = 12
+    target_r: int = 8
+    tinit_ratio: float = 0.1
+    tfinal_ratio: float = 0.2
+    delta_t: int = 5
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check_int(self, "init_r", minimum=1, section="adalora")
+        _check_int(self, "target_r", minimum=1, section="adalora")
+        if self.target_r > self.init_r:
+            raise ConfigError(f"adalora.target_r ({self.target_r}) must not exceed adalora.init_r ({self.init_r})")
+        _check_int(self, "delta_t", minimum=1, section="adalora")
+        for name in ("tinit_ratio", "tfinal_ratio"):
+            _check_number(self, name, minimum=0.0, section="adalora")
+        if self.tinit_ratio + self.tfinal_ratio >= 1.0:
+            raise ConfigError("adalora.tinit_ratio + adalora.tfinal_ratio must be below 1 (AdaLoRA needs a budgeting "
+                              f"phase), got {self.tinit_ratio} + {self.tfinal_ratio}")
+        for name in ("beta1", "beta2"):
+            _check_number(self, name, minimum=0.0, section="adalora")
+            if getattr(self, name) >= 1.0:
+                raise ConfigError(f"adalora.{name} must be in [0, 1), got {getattr(self, name)}")
+        _check_number(self, "orth_reg_weight", minimum=0.0, section="adalora")
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "adarank": AdaRankConfig,
+            "method": MethodConfig, "adalora": AdaLoraSettings}
 
 
 @dataclass
@@ -222,6 +278,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     adarank: AdaRankConfig = field(default_factory=AdaRankConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    adalora: AdaLoraSettings = field(default_factory=AdaLoraSettings)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "RunConfig":
@@ -248,6 +306,12 @@ class RunConfig:
 
 def load_config(path: str, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config and apply `section.field=value` overrides (values parsed as YAML)."""
+    return RunConfig.from_dict(apply_overrides(read_config_file(path), overrides or []), source=path)
+
+
+def read_config_file(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The raw mapping of a YAML config. A top-level `extends: OTHER.yaml` (relative to this file) starts
+    from OTHER's settings; this file's sections override them field by field."""
     try:
         with open(path, encoding="utf-8") as fh:
             raw = yaml.safe_load(fh) or {}
@@ -255,7 +319,23 @@ def load_config(path: str, overrides: list[str] | None = None) -> RunConfig:
         raise ConfigError(f"config file not found: {path}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return RunConfig.from_dict(apply_overrides(raw, overrides or []), source=path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with sections {sorted(SECTIONS)}")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: extends must be a file name, got {parent!r}")
+    parent_path = os.path.normpath(os.path.join(os.path.dirname(path), parent))
+    if parent_path in _seen:
+        raise ConfigError(f"{path}: extends forms a cycle through {parent_path}")
+    base = read_config_file(parent_path, _seen + (os.path.normpath(path),))
+    for section, values in raw.items():
+        if isinstance(values, dict) and isinstance(base.get(section), dict):
+            base[section] = {**base[section], **values}
+        else:
+            base[section] = values
+    return base
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

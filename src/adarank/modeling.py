@@ -113,6 +113,52 @@ def apply_lora(model: nn.Module, seq2seq: bool, r: int, lora_alpha: float, targe
     return get_peft_model(model, cfg)
 
 
+def apply_adalora(model: nn.Module, seq2seq: bool, settings: Any, lora_alpha_ratio: float, targets: list[str] | None,
+                  dropout: float, total_steps: int) -> nn.Module:
+    """PEFT AdaLoRA on `targets` with PEFT's `total_step` set to the run's real number of optimizer steps.
+    The caller must call `model.base_model.update_and_allocate(step)` after every optimizer step."""
+    from peft import AdaLoraConfig, TaskType, get_peft_model
+
+    from .config import ConfigError
+
+    tinit, tfinal = int(settings.tinit_ratio * total_steps), int(settings.tfinal_ratio * total_steps)
+    if tinit >= total_steps - tfinal:
+        raise ConfigError(f"adalora: a run of {total_steps} optimizer steps leaves no budgeting phase with "
+                          f"tinit_ratio={settings.tinit_ratio}, tfinal_ratio={settings.tfinal_ratio}; train longer")
+    targets = resolve_targets(model, targets)
+    heads = [h for h in HEAD_NAMES if hasattr(model, h)] if not seq2seq else None
+    cfg = AdaLoraConfig(
+        init_r=settings.init_r, target_r=settings.target_r, tinit=tinit, tfinal=tfinal, deltaT=settings.delta_t,
+        beta1=settings.beta1, beta2=settings.beta2, orth_reg_weight=settings.orth_reg_weight, total_step=total_steps,
+        lora_alpha=lora_alpha_ratio * settings.target_r, target_modules=targets, lora_dropout=dropout,
+        task_type=TaskType.SEQ_2_SEQ_LM if seq2seq else TaskType.SEQ_CLS, modules_to_save=heads or None,
+    )
+    return get_peft_model(model, cfg)
+
+
+def prepare_model(model: nn.Module, seq2seq: bool, cfg: Any, total_steps: int) -> nn.Module:
+    """The base model made ready for `cfg.method.name` (see `MethodConfig`)."""
+    method, ac = cfg.method.name, cfg.adarank
+    if method in ("adarank", "lora"):
+        return apply_lora(model, seq2seq, ac.r0, ac.lora_alpha_ratio * ac.r0, ac.target_modules, ac.lora_dropout)
+    if method == "adalora":
+        return apply_adalora(model, seq2seq, cfg.adalora, ac.lora_alpha_ratio, ac.target_modules, ac.lora_dropout,
+                             total_steps)
+    if method == "head":
+        heads = [h for h in HEAD_NAMES if hasattr(model, h)]
+        if seq2seq or not heads:
+            raise ModelError("method.name=head needs a sequence classifier with a `classifier` or `score` head; "
+                             f"{type(model).__name__} has none")
+        model.requires_grad_(False)
+        for h in heads:
+            getattr(model, h).requires_grad_(True)
+    elif method == "full":
+        model.requires_grad_(True)
+    elif method == "zero_shot" and not seq2seq:
+        raise ModelError("method.name=zero_shot needs a text-to-text model: a classifier's head is untrained")
+    return model
+
+
 def save_run_model(model: nn.Module, tokenizer: Any, out_dir: str, base: str, seq2seq: bool, num_labels: int) -> None:
     """The adapter (PEFT format, relative to the *current* base), the merged updates accumulated by
     merge-strategy growth (relative to the original base) and the original base's identity."""

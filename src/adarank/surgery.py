@@ -46,9 +46,21 @@ def base_weight_name(module_name: str) -> str:
     return f"{base_module_name(module_name)}.weight"
 
 
+def adalora_ranks(model: nn.Module, adapter: str = ADAPTER) -> dict[str, int]:
+    """Module name -> effective rank of a PEFT AdaLoRA module: its singular values not masked to zero."""
+    out = {}
+    for name, module in model.named_modules():
+        lora_e = getattr(module, "lora_E", None)
+        if isinstance(lora_e, nn.ParameterDict) and adapter in lora_e:
+            out[name] = int(torch.count_nonzero(lora_e[adapter]))
+    return out
+
+
 def rank_summary(model: nn.Module, adapter: str = ADAPTER) -> tuple[dict[str, int], int, float]:
-    """(ranks per module, max rank, mean rank)."""
-    ranks = lora_ranks(model, adapter)
+    """(ranks per module, max rank, mean rank) of LoRA or AdaLoRA modules; ({}, 0, 0.0) without adapters."""
+    ranks = lora_ranks(model, adapter) or adalora_ranks(model, adapter)
+    if not ranks:
+        return {}, 0, 0.0
     return ranks, max(ranks.values()), sum(ranks.values()) / len(ranks)
 
 

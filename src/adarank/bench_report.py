@@ -1,0 +1,334 @@
+"""`adarank report DIR`: the Markdown table and the plots of a bench, from its per-run results JSON files
+alone (no training). Every number in the output is computed here from those files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import statistics
+from collections import defaultdict
+from typing import Any
+
+from .report import atomic_write
+
+KIND_ORDER = ("zero_shot", "head", "lora", "adalora", "adarank", "full")
+
+
+def load_results(results_dir: str) -> dict[str, list[dict]]:
+    """Method -> its runs (results dicts), from `<method>__seed<k>.json` files."""
+    if not os.path.isdir(results_dir):
+        raise FileNotFoundError(f"results directory not found: {results_dir}")
+    runs: dict[str, list[dict]] = defaultdict(list)
+    for name in sorted(os.listdir(results_dir)):
+        if not name.endswith(".json") or "__seed" not in name:
+            continue
+        path = os.path.join(results_dir, name)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                res = json.load(fh)
+            method = res["bench"]["method"]
+            res["final"]["accuracy"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: not a bench results file ({type(exc).__name__}: {exc})") from None
+        runs[method].append(res)
+    if not runs:
+        raise FileNotFoundError(f"{results_dir} holds no bench results (<method>__seed<k>.json)")
+    return dict(sorted(runs.items(), key=lambda kv: _order(kv[0], kv[1][0])))
+
+
+def _order(method: str, res: dict) -> tuple:
+    kind = res.get("method", "adarank")
+    rank = res["config"]["adarank"]["r0"] if kind == "lora" else 0
+    return (KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER), rank, method)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(runs: dict[str, list[dict]]) -> list[dict]:
+    rows = []
+    for method, rs in runs.items():
+        row = {"method": method, "kind": rs[0].get("method", "adarank"), "n": len(rs),
+               "seeds": sorted(r["bench"]["seed"] for r in rs)}
+        for key in ("accuracy", "f1_macro", "eval_loss"):
+            row[key] = mean_std([r["final"][key] for r in rs])
+        for key in ("trainable_params_final", "trainable_params_avg", "growth_events", "final_rank", "final_rank_mean",
+                    "wall_time_s", "step_time_s", "steps"):
+            row[key] = mean_std([r.get(key) for r in rs])
+        rows.append(row)
+    return rows
+
+
+def _fmt_ms(ms: tuple[float, float], digits: int = 2, scale: float = 100.0) -> str:
+    m, s = ms
+    return "–" if math.isnan(m) else f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
+
+
+def _fmt_num(ms: tuple[float, float], digits: int = 0) -> str:
+    m = ms[0]
+    if math.isnan(m):
+        return "–"
+    return f"{m:,.{digits}f}"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+IGNORED_SETTINGS = ("train.output_dir", "train.seed")
+
+
+def settings(runs: dict[str, list[dict]]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(settings shared by every run, per-method settings that differ from them), from the runs' configs.
+    Settings that only matter to one method family (adarank.* for lora/adarank, adalora.*) are compared
+    only among the methods that use them."""
+    flat = {m: _flatten(rs[0]["config"]) for m, rs in runs.items()}
+    keys = sorted({k for f in flat.values() for k in f} - set(IGNORED_SETTINGS))
+    users = {m: _relevant_prefixes(rs[0].get("method", "adarank")) for m, rs in runs.items()}
+    common, differ = {}, defaultdict(dict)
+    for key in keys:
+        relevant = [m for m in flat if any(key.startswith(p) for p in users[m])]
+        values = {m: flat[m].get(key) for m in relevant}
+        if not values:
+            continue
+        distinct = {json.dumps(v) for v in values.values()}
+        if len(distinct) == 1 and len(relevant) == len(flat):
+            common[key] = next(iter(values.values()))
+        else:
+            counts = defaultdict(int)
+            for v in values.values():
+                counts[json.dumps(v)] += 1
+            majority = max(counts, key=counts.get) if len(relevant) == len(flat) else None
+            for m, v in values.items():
+                if json.dumps(v) != majority:
+                    differ[m][key] = v
+    return common, dict(differ)
+
+
+def _relevant_prefixes(kind: str) -> tuple[str, ...]:
+    base = ("model.", "data.", "train.", "method.")
+    if kind == "adarank":
+        return base + ("adarank.",)
+    if kind == "lora":
+        return base + ("adarank.r0", "adarank.lora_alpha_ratio", "adarank.target_modules", "adarank.lora_dropout")
+    if kind == "adalora":
+        return base + ("adalora.", "adarank.lora_alpha_ratio", "adarank.target_modules", "adarank.lora_dropout")
+    return base
+
+
+def compare(a: dict, b: dict, key: str) -> str:
+    """`a` minus `b` in points with the standard error of the difference and a plain verdict."""
+    (ma, sa), (mb, sb) = a[key], b[key]
+    diff = (ma - mb) * 100
+    se = math.sqrt(sa ** 2 / a["n"] + sb ** 2 / b["n"]) * 100
+    if a["n"] < 2 or b["n"] < 2:
+        verdict = "one seed: no error estimate"
+    elif abs(diff) > 2 * se:
+        verdict = "higher" if diff > 0 else "lower"
+    else:
+        verdict = "within seed noise (|Δ| ≤ 2 SE)"
+    return f"{diff:+.2f} (SE {se:.2f}; {verdict})"
+
+
+def comparisons(rows: list[dict]) -> list[str]:
+    by_kind = defaultdict(list)
+    for r in rows:
+        by_kind[r["kind"]].append(r)
+    lines = []
+    if not by_kind["adarank"]:
+        return lines
+    refs = []
+    if by_kind["lora"]:
+        best = max(by_kind["lora"], key=lambda r: r["accuracy"][0])
+        refs.append((f"the best fixed-rank LoRA by mean accuracy ({best['method']})", best))
+    refs += [(f"{r['method']}", r) for r in by_kind["adalora"] + by_kind["full"] + by_kind["head"]]
+    lines.append("| AdaRank run | versus | Δ accuracy (points) | Δ F1 macro (points) | step-averaged trainable params, ratio |")
+    lines.append("|---|---|---|---|---|")
+    for ours in by_kind["adarank"]:
+        for label, ref in refs:
+            ratio = ours["trainable_params_avg"][0] / ref["trainable_params_avg"][0]
+            lines.append(f"| {ours['method']} | {label} | {compare(ours, ref, 'accuracy')} | "
+                         f"{compare(ours, ref, 'f1_macro')} | {ratio:.2f}× |")
+    return lines
+
+
+def markdown(results_dir: str, runs: dict[str, list[dict]], rows: list[dict], plots: dict[str, str],
+             command: str | None) -> str:
+    first = next(iter(runs.values()))[0]
+    common, differ = settings(runs)
+    quick = any(r["bench"].get("quick") for rs in runs.values() for r in rs)
+    versions = sorted({json.dumps(r["versions"], sort_keys=True) for rs in runs.values() for r in rs})
+    lines = [
+        f"# Benchmark: {first['task']} · {first['model']}",
+        "",
+        "Generated by `adarank report` from the per-run results files in "
+        f"`{results_dir}` — do not edit by hand.",
+        "",
+    ]
+    if quick:
+        lines += ["**Quick mode** (a few hundred examples, short training): a smoke test of the grid, not a result.", ""]
+    if command:
+        lines += ["Regenerate (runs only what has no results file yet; `adarank report` alone redraws):", "",
+                  f"```bash\n{command}\n```", ""]
+    lines += [
+        "Accuracy and F1 macro on the validation split after the last step, in percent, mean ± standard deviation over "
+        "seeds. Trainable parameters: at the end, and averaged over optimizer steps (AdaRank's rank changes; "
+        "AdaLoRA counts every allocated entry, masked or not). Rank: the largest rank over adapted modules at the "
+        "end (AdaLoRA: singular values not masked). Time: one process on this machine; s/step excludes evaluation "
+        "and rank changes.",
+        "",
+        "| method | seeds | accuracy | F1 macro | val loss | trainable (final) | trainable (step avg) | growth events | "
+        "final rank | wall s | s/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['n']} | {_fmt_ms(r['accuracy'])} | {_fmt_ms(r['f1_macro'])} | "
+            f"{_fmt_ms(r['eval_loss'], 3, 1.0)} | {_fmt_num(r['trainable_params_final'])} | "
+            f"{_fmt_num(r['trainable_params_avg'])} | {_fmt_num(r['growth_events'], 1)} | "
+            f"{_fmt_num(r['final_rank'], 1)} | {_fmt_num(r['wall_time_s'])} | {_fmt_num(r['step_time_s'], 3)} |"
+        )
+    cmp_lines = comparisons(rows)
+    if cmp_lines:
+        lines += ["", "## AdaRank against the references", "",
+                  "Differences of means in points; SE is the standard error of the difference over seeds. "
+                  "\"higher\"/\"lower\" only where |Δ| > 2 SE.", ""] + cmp_lines
+    lines += ["", "## Plots", ""]
+    for title, path in plots.items():
+        lines += [f"![{title}]({path})", ""]
+    lines += ["## Settings", "", "Shared by every run:", "", "| setting | value |", "|---|---|"]
+    lines += [f"| `{k}` | `{json.dumps(v)}` |" for k, v in common.items()]
+    if differ:
+        lines += ["", "Per method, where it differs from the others:", "", "| method | settings |", "|---|---|"]
+        for m in runs:
+            if m in differ:
+                lines.append(f"| {m} | " + ", ".join(f"`{k}={json.dumps(v)}`" for k, v in sorted(differ[m].items())) + " |")
+    lines += ["", "## Package versions", ""]
+    for v in versions:
+        lines.append("- " + ", ".join(f"{k} {val}" for k, val in json.loads(v).items()))
+    return "\n".join(lines) + "\n"
+
+
+def plot_double_descent(runs: dict[str, list[dict]], rows: list[dict], path: str) -> None:
+    """Validation loss and error against LoRA rank: the fixed-rank sweep (mean ± std over seeds), the AdaRank
+    runs' trajectories (each evaluation at the rank in effect then) and the other methods as levels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    panels = (("eval_loss", "validation loss", lambda e: e["eval_loss"]),
+              ("error", "validation error (1 − accuracy)", lambda e: 1.0 - e["accuracy"]))
+    lora = sorted((r for r in rows if r["kind"] == "lora"), key=lambda r: runs[r["method"]][0]["config"]["adarank"]["r0"])
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (_, ylabel, get) in zip(axes, panels):
+        if lora:
+            xs = [runs[r["method"]][0]["config"]["adarank"]["r0"] for r in lora]
+            stats = [mean_std([get(run["final"]) for run in runs[r["method"]]]) for r in lora]
+            ax.errorbar(xs, [s[0] for s in stats], yerr=[s[1] for s in stats], fmt="o-", color="black", capsize=3,
+                        label="fixed-rank LoRA (mean ± std)")
+        adarank = [m for m, rs in runs.items() if rs[0].get("method") == "adarank"]
+        for i, method in enumerate(adarank):
+            color = colors[i % len(colors)]
+            for j, run in enumerate(runs[method]):
+                evals = [e for e in run["evals"] if e.get("rank_mean")]
+                ax.plot([e["rank_mean"] for e in evals], [get(e) for e in evals], "-", marker=".", color=color,
+                        alpha=0.6, linewidth=1, label=f"{method} (trajectories)" if j == 0 else None)
+        for k, r in enumerate(x for x in rows if x["kind"] in ("head", "full", "adalora", "zero_shot")):
+            value = mean_std([get(run["final"]) for run in runs[r["method"]]])[0]
+            ax.axhline(value, linestyle=("--", ":", "-.")[k % 3], color="grey", linewidth=1, label=f"{r['method']} (mean)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("LoRA rank (AdaRank: mean over modules at the evaluation)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Validation loss and error against rank")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_accuracy_params(runs: dict[str, list[dict]], rows: list[dict], path: str) -> None:
+    """Mean accuracy (± std) against step-averaged trainable parameters, one point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        x = r["trainable_params_avg"][0]
+        if not x or math.isnan(x):
+            continue
+        m, s = r["accuracy"]
+        ax.errorbar([x], [m * 100], yerr=[s * 100], fmt="o", capsize=3)
+        ax.annotate(r["method"], (x, m * 100), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters, averaged over optimizer steps")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig: Any, path: str) -> None:
+    import tempfile
+
+    import matplotlib.pyplot as plt
+
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def regenerate_command(runs: dict[str, list[dict]], results_dir: str, out: str | None) -> str:
+    """The bench command that reruns what is missing in `results_dir` and rewrites this report."""
+    import shlex
+
+    infos = [r["bench"] for rs in runs.values() for r in rs]
+    suite = infos[0]["suite"]
+    seeds = sorted({i["seed"] for i in infos if i["method"] != "zero_shot"} or {infos[0]["seed"]})
+    quick = any(i.get("quick") for i in infos)
+    cmd = ["adarank", "bench", "--suite", suite, "--seeds", *map(str, seeds), "--results-dir", results_dir]
+    if quick:
+        cmd.append("--quick")
+    line = " ".join(shlex.quote(c) for c in cmd)
+    if out is not None:
+        line += " && adarank report " + shlex.quote(results_dir) + " --out " + shlex.quote(out)
+    return line
+
+
+def write_report(results_dir: str, out: str | None = None, command: str | None = None) -> str:
+    """Write the Markdown report (default `<results_dir>/RESULTS.md`) and its PNGs beside it; returns its path."""
+    runs = load_results(results_dir)
+    rows = summarize(runs)
+    if command is None:
+        command = regenerate_command(runs, results_dir, out)
+    out = out or os.path.join(results_dir, "RESULTS.md")
+    out_dir = os.path.dirname(os.path.abspath(out))
+    os.makedirs(out_dir, exist_ok=True)
+    stem = re.sub(r"\W+", "_", os.path.splitext(os.path.basename(out))[0]).lower()
+    plots = {"validation loss and error against rank": f"{stem}_double_descent.png",
+             "accuracy against trainable parameters": f"{stem}_accuracy_params.png"}
+    plot_double_descent(runs, rows, os.path.join(out_dir, plots["validation loss and error against rank"]))
+    plot_accuracy_params(runs, rows, os.path.join(out_dir, plots["accuracy against trainable parameters"]))
+    rel = os.path.relpath(os.path.abspath(results_dir), out_dir)
+    atomic_write(out, markdown(rel, runs, rows, plots, command))
+    return out
+
+
+__all__ = ["load_results", "summarize", "write_report", "mean_std"]
