@@ -74,12 +74,11 @@ def plan(suite: str, seeds: list[int], methods: list[str] | None, quick: bool, o
     if unknown:
         raise ConfigError(f"--methods: {unknown} not in suite {suite}; it has {sorted(available)}")
     extra = list(QUICK_OVERRIDES if quick else ()) + list(overrides)
-    jobs = []
-    for method in chosen:
-        if method == "zero_shot":
-            continue
+    trained = [m for m in chosen if m != "zero_shot"]
+    for method in trained:
         load_config(available[method], extra)  # fail now, naming the file, rather than mid-grid
-        jobs += [Job(method, seed, available[method], extra) for seed in seeds]
+    # seed-major: every method has a first seed before any has a second
+    jobs = [Job(method, seed, available[method], extra) for seed in seeds for method in trained]
     first = available[chosen[0]] if chosen[0] in available else next(iter(available.values()))
     if (methods is None or "zero_shot" in methods) and is_text_to_text(first, extra):
         # the pretrained model does not depend on the seed: one run
