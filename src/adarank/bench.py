@@ -110,7 +110,7 @@ def run_bench(
     command: str | None = None,
     log=print,
 ) -> dict:
-    """Run the grid; returns {"ran": [...], "skipped": [...], "failed": {key: log path}, "report": path}."""
+    """Run the grid; returns {"ran": [...], "skipped": [...], "failed": {key: log path}, "report": path or None}."""
     from .bench_report import write_report
 
     seeds = list(DEFAULT_SEEDS[:1] if quick else DEFAULT_SEEDS) if seeds is None else list(seeds)
@@ -153,7 +153,8 @@ def run_bench(
             collect(run_dir, results_dir, job, suite, quick, command, jobs, env.get("OMP_NUM_THREADS"))
             ran.append(job.key)
             log(f"bench: done {job.key} in {time.time() - started:.0f}s ({len(ran) + len(failed)}/{len(pending)})")
-    report = write_report(results_dir)
+    have_results = any(f.endswith(".json") and "__seed" in f for f in os.listdir(results_dir))
+    report = write_report(results_dir) if have_results else None
     return {"ran": ran, "skipped": skipped, "failed": failed, "report": report}
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from .report import atomic_write
 
 KIND_ORDER = ("zero_shot", "head", "lora", "adalora", "adarank", "full")
+ADAPTER_KINDS = ("lora", "adalora", "adarank")
 
 
 def load_results(results_dir: str) -> dict[str, list[dict]]:
@@ -87,33 +88,31 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-IGNORED_SETTINGS = ("train.output_dir", "train.seed")
+IGNORED_SETTINGS = ("train.output_dir", "train.seed", "method.name")
 
 
-def settings(runs: dict[str, list[dict]]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """(settings shared by every run, per-method settings that differ from them), from the runs' configs.
-    Settings that only matter to one method family (adarank.* for lora/adarank, adalora.*) are compared
-    only among the methods that use them."""
+def settings(runs: dict[str, list[dict]]) -> tuple[dict[str, tuple[Any, str]], dict[str, dict[str, Any]]]:
+    """From the runs' configs: (setting -> (value, which methods use it) where every method that uses the
+    setting has the same value; method -> {setting: value} where they differ). A setting counts only for
+    the methods it affects (adarank.* for AdaRank, its rank and LoRA fields for fixed LoRA, adalora.*)."""
     flat = {m: _flatten(rs[0]["config"]) for m, rs in runs.items()}
+    kinds = {m: rs[0].get("method", "adarank") for m, rs in runs.items()}
     keys = sorted({k for f in flat.values() for k in f} - set(IGNORED_SETTINGS))
-    users = {m: _relevant_prefixes(rs[0].get("method", "adarank")) for m, rs in runs.items()}
     common, differ = {}, defaultdict(dict)
     for key in keys:
-        relevant = [m for m in flat if any(key.startswith(p) for p in users[m])]
-        values = {m: flat[m].get(key) for m in relevant}
-        if not values:
+        users = [m for m in flat if any(key.startswith(p) for p in _relevant_prefixes(kinds[m]))]
+        if not users:
             continue
-        distinct = {json.dumps(v) for v in values.values()}
-        if len(distinct) == 1 and len(relevant) == len(flat):
-            common[key] = next(iter(values.values()))
-        else:
-            counts = defaultdict(int)
-            for v in values.values():
-                counts[json.dumps(v)] += 1
-            majority = max(counts, key=counts.get) if len(relevant) == len(flat) else None
-            for m, v in values.items():
-                if json.dumps(v) != majority:
-                    differ[m][key] = v
+        values = {m: flat[m].get(key) for m in users}
+        counts = defaultdict(int)
+        for v in values.values():
+            counts[json.dumps(v)] += 1
+        if len(counts) == 1:
+            used_by = "all" if len(users) == len(flat) else ", ".join(sorted({kinds[m] for m in users}))
+            common[key] = (next(iter(values.values())), used_by)
+            continue
+        for m, v in values.items():
+            differ[m][key] = v
     return common, dict(differ)
 
 
@@ -160,8 +159,17 @@ def comparisons(rows: list[dict]) -> list[str]:
         for label, ref in refs:
             ratio = ours["trainable_params_avg"][0] / ref["trainable_params_avg"][0]
             lines.append(f"| {ours['method']} | {label} | {compare(ours, ref, 'accuracy')} | "
-                         f"{compare(ours, ref, 'f1_macro')} | {ratio:.2f}× |")
+                         f"{compare(ours, ref, 'f1_macro')} | {ratio:.3g}× |")
     return lines
+
+
+def _parallel_note(runs: dict[str, list[dict]]) -> str:
+    infos = {(r["bench"].get("parallel_runs", 1), r["bench"].get("omp_num_threads")) for rs in runs.values() for r in rs}
+    parts = []
+    for jobs, threads in sorted(infos, key=str):
+        parts.append("one run at a time" if jobs == 1 else f"{jobs} runs at a time sharing the cores"
+                     + (f" ({threads} thread(s) each)" if threads else ""))
+    return " and ".join(parts)
 
 
 def markdown(results_dir: str, runs: dict[str, list[dict]], rows: list[dict], plots: dict[str, str],
@@ -186,8 +194,8 @@ def markdown(results_dir: str, runs: dict[str, list[dict]], rows: list[dict], pl
         "Accuracy and F1 macro on the validation split after the last step, in percent, mean ± standard deviation over "
         "seeds. Trainable parameters: at the end, and averaged over optimizer steps (AdaRank's rank changes; "
         "AdaLoRA counts every allocated entry, masked or not). Rank: the largest rank over adapted modules at the "
-        "end (AdaLoRA: singular values not masked). Time: one process on this machine; s/step excludes evaluation "
-        "and rank changes.",
+        "end (AdaLoRA: singular values not masked). Time: wall time of the run and seconds per optimizer step "
+        f"without evaluation and rank changes, {_parallel_note(runs)}.",
         "",
         "| method | seeds | accuracy | F1 macro | val loss | trainable (final) | trainable (step avg) | growth events | "
         "final rank | wall s | s/step |",
@@ -198,7 +206,8 @@ def markdown(results_dir: str, runs: dict[str, list[dict]], rows: list[dict], pl
             f"| {r['method']} | {r['n']} | {_fmt_ms(r['accuracy'])} | {_fmt_ms(r['f1_macro'])} | "
             f"{_fmt_ms(r['eval_loss'], 3, 1.0)} | {_fmt_num(r['trainable_params_final'])} | "
             f"{_fmt_num(r['trainable_params_avg'])} | {_fmt_num(r['growth_events'], 1)} | "
-            f"{_fmt_num(r['final_rank'], 1)} | {_fmt_num(r['wall_time_s'])} | {_fmt_num(r['step_time_s'], 3)} |"
+            f"{_fmt_num(r['final_rank'], 1) if r['kind'] in ADAPTER_KINDS else '–'} | {_fmt_num(r['wall_time_s'])} | "
+            f"{_fmt_num(r['step_time_s'], 3)} |"
         )
     cmp_lines = comparisons(rows)
     if cmp_lines:
@@ -208,10 +217,11 @@ def markdown(results_dir: str, runs: dict[str, list[dict]], rows: list[dict], pl
     lines += ["", "## Plots", ""]
     for title, path in plots.items():
         lines += [f"![{title}]({path})", ""]
-    lines += ["## Settings", "", "Shared by every run:", "", "| setting | value |", "|---|---|"]
-    lines += [f"| `{k}` | `{json.dumps(v)}` |" for k, v in common.items()]
+    lines += ["## Settings", "", "The same for every method that uses the setting:", "",
+              "| setting | value | used by |", "|---|---|---|"]
+    lines += [f"| `{k}` | `{json.dumps(v)}` | {used} |" for k, (v, used) in common.items()]
     if differ:
-        lines += ["", "Per method, where it differs from the others:", "", "| method | settings |", "|---|---|"]
+        lines += ["", "Per method, where the methods that use a setting differ:", "", "| method | settings |", "|---|---|"]
         for m in runs:
             if m in differ:
                 lines.append(f"| {m} | " + ", ".join(f"`{k}={json.dumps(v)}`" for k, v in sorted(differ[m].items())) + " |")

@@ -55,7 +55,7 @@ def _bench(args: argparse.Namespace) -> int:
         data_dir=args.data_dir, overrides=args.set, force=args.force, command=command,
     )
     print(f"bench: {len(out['ran'])} run(s), {len(out['skipped'])} skipped, {len(out['failed'])} failed; "
-          f"report: {out['report']}")
+          f"report: {out['report'] or 'none (no results yet)'}")
     if out["failed"]:
         for key, log in out["failed"].items():
             print(f"bench: failed {key}: see {log}", file=sys.stderr)

@@ -119,12 +119,8 @@ def apply_adalora(model: nn.Module, seq2seq: bool, settings: Any, lora_alpha_rat
     The caller must call `model.base_model.update_and_allocate(step)` after every optimizer step."""
     from peft import AdaLoraConfig, TaskType, get_peft_model
 
-    from .config import ConfigError
-
+    # tinit_ratio + tfinal_ratio < 1 (checked by the config), so tinit < total_steps - tfinal: a budgeting phase
     tinit, tfinal = int(settings.tinit_ratio * total_steps), int(settings.tfinal_ratio * total_steps)
-    if tinit >= total_steps - tfinal:
-        raise ConfigError(f"adalora: a run of {total_steps} optimizer steps leaves no budgeting phase with "
-                          f"tinit_ratio={settings.tinit_ratio}, tfinal_ratio={settings.tfinal_ratio}; train longer")
     targets = resolve_targets(model, targets)
     heads = [h for h in HEAD_NAMES if hasattr(model, h)] if not seq2seq else None
     cfg = AdaLoraConfig(

@@ -47,12 +47,16 @@ def base_weight_name(module_name: str) -> str:
 
 
 def adalora_ranks(model: nn.Module, adapter: str = ADAPTER) -> dict[str, int]:
-    """Module name -> effective rank of a PEFT AdaLoRA module: its singular values not masked to zero."""
+    """Module name -> effective rank of a PEFT AdaLoRA module: the singular values its budget allocator
+    keeps (the config's `rank_pattern`); init_r before the first allocation."""
+    config = getattr(model, "peft_config", {}).get(adapter)
+    pattern = getattr(config, "rank_pattern", None) or {}
+    kept = {key.rsplit(".lora_E", 1)[0]: int(sum(mask)) for key, mask in pattern.items()}
     out = {}
     for name, module in model.named_modules():
         lora_e = getattr(module, "lora_E", None)
         if isinstance(lora_e, nn.ParameterDict) and adapter in lora_e:
-            out[name] = int(torch.count_nonzero(lora_e[adapter]))
+            out[name] = kept.get(base_module_name(name), lora_e[adapter].numel())
     return out
 
 

@@ -1,0 +1,134 @@
+"""`adarank bench` and `adarank report` end to end on tiny saved models (each run is a subprocess)."""
+
+import json
+import os
+import re
+import statistics
+
+import pytest
+from conftest import tiny_bert, tiny_t5
+
+from adarank import ConfigError
+from adarank.bench import QUICK_OVERRIDES, plan, run_bench
+from adarank.bench_report import load_results, summarize, write_report
+from adarank.cli import main
+
+
+def saved(model, tok, path):
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def make_suite(root, base, methods, glue_dir):
+    suite = root / "suite"
+    suite.mkdir()
+    (suite / "_base.yaml").write_text(
+        f"model: {{name_or_path: '{base}', max_length: 48, max_target_length: 4}}\n"
+        f"data: {{task: mrpc, data_dir: '{glue_dir}'}}\n"
+        "train: {max_steps: 6, batch_size: 8, lr: 0.005, eval_steps: 3, logging_steps: 2, save_model: false}\n"
+        "adarank: {r0: 2, r_max: 6, check_every: 2, warmup_steps: 2, criterion: threshold, tol: 0.0}\n"
+    )
+    for name, body in methods.items():
+        (suite / f"{name}.yaml").write_text("extends: _base.yaml\n" + body)
+    return str(suite)
+
+
+BERT_METHODS = {"lora_r2": "method: {name: lora}\n", "adarank_expand": "method: {name: adarank}\n"}
+
+
+@pytest.fixture
+def bert_suite(tmp_path, glue_dir, bert_tok):
+    base = saved(tiny_bert(vocab_size=len(bert_tok)), bert_tok, tmp_path / "bert")
+    return make_suite(tmp_path, base, BERT_METHODS, glue_dir)
+
+
+def test_plan_is_seed_major_and_checks_every_config_first(tmp_path, bert_suite):
+    jobs = plan(bert_suite, [0, 1], None, quick=True, overrides=["train.lr=0.01"])
+    assert [j.key for j in jobs] == ["adarank_expand__seed0", "lora_r2__seed0", "adarank_expand__seed1", "lora_r2__seed1"]
+    assert jobs[0].overrides == list(QUICK_OVERRIDES) + ["train.lr=0.01"]  # a classifier: no zero_shot run
+    with pytest.raises(ConfigError, match="not in suite"):
+        plan(bert_suite, [0], ["lora_r99"], quick=False, overrides=[])
+    with open(os.path.join(bert_suite, "broken.yaml"), "w") as fh:
+        fh.write("extends: _base.yaml\nadarank: {r0: 0}\n")
+    with pytest.raises(ConfigError, match="adarank.r0 must be >= 1"):
+        plan(bert_suite, [0], None, quick=False, overrides=[])
+
+
+def test_bench_runs_the_grid_reports_it_and_resumes(tmp_path, bert_suite):
+    out, results = tmp_path / "out", tmp_path / "results"
+    summary = run_bench(bert_suite, str(out), str(results), seeds=[0, 1], jobs=2, log=lambda _: None)
+    assert summary["failed"] == {} and sorted(summary["ran"]) == sorted(
+        f"{m}__seed{s}" for m in BERT_METHODS for s in (0, 1))
+    runs = load_results(str(results))
+    assert set(runs) == set(BERT_METHODS) and all(len(rs) == 2 for rs in runs.values())
+    grown = runs["adarank_expand"][0]
+    assert grown["growth_events"] == 2 and grown["rank_schedule"] == [2, 4, 6]  # checks at 2 and 4
+    assert runs["lora_r2"][0]["growth_events"] == 0 and runs["lora_r2"][0]["bench"]["parallel_runs"] == 2
+
+    # the table's numbers are the means and standard deviations of the files' numbers
+    text = open(summary["report"]).read()
+    for method, rs in runs.items():
+        acc = [r["final"]["accuracy"] * 100 for r in rs]
+        row = next(line for line in text.splitlines() if line.startswith(f"| {method} |"))
+        assert f"{statistics.fmean(acc):.2f} ± {statistics.stdev(acc):.2f}" in row
+    assert "## AdaRank against the references" in text and "lora_r2" in text
+    assert "adarank bench --suite" in text and "--seeds 0 1" in text
+    for png in re.findall(r"\]\((\S+\.png)\)", text):
+        assert os.path.getsize(os.path.join(results, png)) > 1000
+
+    again = run_bench(bert_suite, str(out), str(results), seeds=[0, 1], log=lambda _: None)
+    assert again["ran"] == [] and len(again["skipped"]) == 4
+
+
+def test_report_alone_regenerates_from_the_files(tmp_path, bert_suite, capsys):
+    results = tmp_path / "results"
+    run_bench(bert_suite, str(tmp_path / "out"), str(results), seeds=[0], methods=["lora_r2"], log=lambda _: None)
+    out_md = tmp_path / "docs" / "RESULTS.md"
+    assert main(["report", str(results), "--out", str(out_md)]) == 0
+    text = out_md.read_text()
+    assert "../results" in text  # the results directory, relative to the report
+    assert (tmp_path / "docs" / "results_double_descent.png").exists()
+    rows = summarize(load_results(str(results)))
+    assert rows[0]["n"] == 1 and rows[0]["accuracy"][1] == 0.0
+
+
+def test_bench_reports_failed_runs_and_exits_nonzero(tmp_path, bert_suite, capsys):
+    empty = tmp_path / "empty_glue"
+    empty.mkdir()
+    code = main(["bench", "--suite", bert_suite, "--seeds", "0", "--methods", "lora_r2", "--data-dir", str(empty),
+                 "--output-dir", str(tmp_path / "out")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "failed lora_r2__seed0" in err and "bench.log" in err
+    log = open(os.path.join(tmp_path, "out", "runs", "lora_r2", "seed0", "bench.log")).read()
+    assert "empty_glue" in log
+    assert not os.path.exists(os.path.join(tmp_path, "out", "results", "lora_r2__seed0.json"))
+
+
+def test_bench_with_an_unreadable_model_fails_before_running(tmp_path, glue_dir, capsys):
+    suite = make_suite(tmp_path, str(tmp_path / "no_such_model"), {"lora": "method: {name: lora}\n"}, glue_dir)
+    assert main(["bench", "--suite", suite, "--seeds", "0", "--output-dir", str(tmp_path / "out")]) == 2
+    assert "model.name_or_path" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_report_names_a_bad_results_file(tmp_path, capsys):
+    (tmp_path / "lora__seed0.json").write_text("{not json")
+    assert main(["report", str(tmp_path)]) == 2
+    assert "lora__seed0.json" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+def test_text_to_text_bench_adds_the_zero_shot_score(tmp_path, glue_dir, t5_tok):
+    base = saved(tiny_t5(vocab_size=len(t5_tok)), t5_tok, tmp_path / "t5")
+    suite = make_suite(tmp_path, base, {"lora_r2": "method: {name: lora}\n"}, glue_dir)
+    jobs = plan(suite, [0, 1], None, quick=False, overrides=[])
+    assert [j.key for j in jobs] == ["lora_r2__seed0", "lora_r2__seed1", "zero_shot__seed0"]
+    summary = run_bench(suite, str(tmp_path / "out"), str(tmp_path / "res"), seeds=[0], log=lambda _: None)
+    assert summary["failed"] == {}
+    runs = load_results(str(tmp_path / "res"))
+    assert runs["zero_shot"][0]["steps"] == 0 and runs["zero_shot"][0]["method"] == "zero_shot"
+    text = open(summary["report"]).read()
+    assert next(line for line in text.splitlines() if line.startswith("| zero_shot |"))
+    with open(os.path.join(tmp_path, "res", "zero_shot__seed0.json")) as fh:
+        assert json.load(fh)["config"]["model"]["name_or_path"] == base
