@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -96,7 +97,7 @@ def worker_trainer(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         targs = TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=tc.batch_size, max_steps=args.steps, learning_rate=tc.lr,
-            warmup_ratio=tc.warmup_ratio, lr_scheduler_type="linear", max_grad_norm=tc.max_grad_norm,
+            warmup_steps=math.ceil(tc.warmup_ratio * args.steps), lr_scheduler_type="linear", max_grad_norm=tc.max_grad_norm,
             logging_steps=tc.logging_steps, save_strategy="no", eval_strategy="no", report_to=[], seed=args.seed,
             use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
         )

@@ -84,6 +84,13 @@ def tiny_t5(vocab_size: int = 64, seed: int = 0):
     return T5ForConditionalGeneration(cfg).eval()
 
 
+def saved(model, tok, path) -> str:
+    """Save a tiny model and its tokenizer as a local model directory; returns its path."""
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture
 def bert_tok():
     return word_tokenizer("bert")

@@ -6,18 +6,13 @@ import re
 import statistics
 
 import pytest
-from conftest import tiny_bert, tiny_t5
+from conftest import saved, tiny_bert, tiny_t5
 
 from adarank import ConfigError
 from adarank.bench import QUICK_OVERRIDES, plan, run_bench
 from adarank.bench_report import load_results, summarize, write_report
 from adarank.cli import main
 
-
-def saved(model, tok, path):
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 def make_suite(root, base, methods, glue_dir):
@@ -91,6 +86,18 @@ def test_report_alone_regenerates_from_the_files(tmp_path, bert_suite, capsys):
     assert (tmp_path / "docs" / "results_double_descent.png").exists()
     rows = summarize(load_results(str(results)))
     assert rows[0]["n"] == 1 and rows[0]["accuracy"][1] == 0.0
+
+    # benchmarks/overhead.py --output RESULTS/overhead.json: the report adds its medians and summary line
+    run = {"step_time_s": 0.5, "samples_per_s": 64.0, "peak_rss_mb": 1000.0}
+    overhead = {"settings": {"steps": 40, "repeats": 3, "rank": 8},
+                "measurements": {"adarank": [dict(run, growth_events=[{"strategy": "merge", "seconds": 0.25}])],
+                                 "lora": [run], "trainer": [dict(run, samples_per_s=32.0)]},
+                "summary": {"overhead_ratio": 1.0, "growth_event_s": 0.25, "trainer_speedup": 2.0, "peak_rss_ratio": 1.0}}
+    (results / "overhead.json").write_text(json.dumps(overhead))
+    assert main(["report", str(results), "--out", str(out_md)]) == 0
+    text = out_md.read_text()
+    assert "overhead_ratio=1.000 growth_event_s=0.250 trainer_speedup=2.000 peak_rss_ratio=1.000" in text
+    assert "| HF Trainer + PEFT LoRA | 0.5000 | 32.0 | 1000 |" in text and "merge" in text
 
 
 def test_bench_reports_failed_runs_and_exits_nonzero(tmp_path, bert_suite, capsys):

@@ -50,6 +50,13 @@ def test_overrides(tmp_path):
         load_config(str(path), ["tol=0.05"])
     with pytest.raises(ConfigError, match=r"adarank\.r0"):
         load_config(str(path), ["adarank.r0=100"])
+    # YAML 1.1 reads 1e-3 as a string; numbers written that way are taken as numbers
+    cfg = load_config(str(path), ["train.lr=1e-3", "adarank.tol=1e9"])
+    assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float) and cfg.adarank.tol == 1e9
+    with pytest.raises(ConfigError, match="train.lr must be a number, got 'fast'"):
+        load_config(str(path), ["train.lr=fast"])
+    with pytest.raises(ConfigError, match="train.lr must be a number"):
+        load_config(str(path), ["train.lr=nan"])
 
 
 def test_missing_config_file():

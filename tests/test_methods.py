@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_bert, tiny_t5
+from conftest import saved, tiny_bert, tiny_t5
 
 from adarank import ConfigError, RunConfig, load_config
 from adarank.modeling import ModelError
@@ -27,11 +27,6 @@ def method_cfg(tmp_path, glue_dir, base, method, **sections):
         raw.setdefault(name, {}).update(values)
     return RunConfig.from_dict(raw)
 
-
-def saved(model, tok, path):
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def params(model):
@@ -159,3 +154,15 @@ def test_extends_merges_sections_field_by_field(tmp_path):
     (tmp_path / "c.yaml").write_text("extends: missing.yaml\n")
     with pytest.raises(ConfigError, match="missing.yaml"):
         load_config(str(tmp_path / "c.yaml"))
+
+
+def test_adalora_runs_export_merged_but_not_as_lora(tmp_path, glue_dir, bert_tok, bert_base):
+    from adarank.export import export_adapter
+
+    cfg = method_cfg(tmp_path, glue_dir, bert_base, "adalora", train={"save_model": True})
+    Run(cfg, model=tiny_bert(vocab_size=len(bert_tok)), tokenizer=bert_tok).train()
+    with pytest.raises(ValueError, match="not LoRA"):
+        export_adapter(cfg.train.output_dir, str(tmp_path / "peft"))
+    assert not (tmp_path / "peft").exists()
+    log = export_adapter(cfg.train.output_dir, str(tmp_path / "merged"), merged=True)
+    assert log["format"] == "merged" and log["max_abs_logit_diff"] < 1e-4

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_t5
+from conftest import saved, tiny_bert, tiny_t5
 
 from adarank import RunConfig, load_run_model
 from adarank.cli import main
@@ -26,11 +26,6 @@ def cfg_for(tmp_path, glue_dir, base_dir, strategy="merge", **adarank):
         "adarank": settings,
     })
 
-
-def saved(model, tok, path):
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 @pytest.mark.parametrize("strategy", ["merge", "expand"])

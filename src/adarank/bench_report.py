@@ -172,8 +172,38 @@ def _parallel_note(runs: dict[str, list[dict]]) -> str:
     return " and ".join(parts)
 
 
+def overhead_section(results_dir: str) -> list[str]:
+    """The measurements of `benchmarks/overhead.py --output RESULTS_DIR/overhead.json`, when present."""
+    path = os.path.join(results_dir, "overhead.json")
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as fh:
+        data = json.load(fh)
+    s, m, a = data["summary"], data["measurements"], data["settings"]
+    med = {k: {key: statistics.median(r[key] for r in rs) for key in ("step_time_s", "samples_per_s", "peak_rss_mb")}
+           for k, rs in m.items()}
+    growth = [g for r in m["adarank"] for g in r["growth_events"]]
+    lines = ["", "## Overhead", "",
+             f"`python benchmarks/overhead.py --steps {a['steps']} --repeats {a['repeats']} --rank {a['rank']}` "
+             f"(same model and data, one process per measurement, contenders alternating, medians of "
+             f"{a['repeats']} repeats of {a['steps']} optimizer steps at rank {a['rank']}):", "",
+             "| contender | s/step | samples/s | peak RSS (MiB) |", "|---|---|---|---|"]
+    names = {"adarank": "AdaRank (our loop, controller on)", "lora": "PEFT LoRA (our loop, no controller)",
+             "trainer": "HF Trainer + PEFT LoRA"}
+    for kind, label in names.items():
+        lines.append(f"| {label} | {med[kind]['step_time_s']:.4f} | {med[kind]['samples_per_s']:.1f} | "
+                     f"{med[kind]['peak_rss_mb']:.0f} |")
+    for strategy in ("expand", "merge"):
+        t = [g["seconds"] for g in growth if g["strategy"] == strategy]
+        if t:
+            lines.append(f"\nGrowth event ({strategy}; surgery, optimizer and scheduler rebuild): median "
+                         f"{statistics.median(t):.4f} s, max {max(t):.4f} s over {len(t)} events.")
+    lines += ["", "```", " ".join(f"{k}={v:.3f}" for k, v in s.items()), "```"]
+    return lines
+
+
 def markdown(results_dir: str, runs: dict[str, list[dict]], rows: list[dict], plots: dict[str, str],
-             command: str | None) -> str:
+             command: str | None, results_dir_abs: str) -> str:
     first = next(iter(runs.values()))[0]
     common, differ = settings(runs)
     quick = any(r["bench"].get("quick") for rs in runs.values() for r in rs)
@@ -214,6 +244,7 @@ def markdown(results_dir: str, runs: dict[str, list[dict]], rows: list[dict], pl
         lines += ["", "## AdaRank against the references", "",
                   "Differences of means in points; SE is the standard error of the difference over seeds. "
                   "\"higher\"/\"lower\" only where |Δ| > 2 SE.", ""] + cmp_lines
+    lines += overhead_section(results_dir_abs)
     lines += ["", "## Plots", ""]
     for title, path in plots.items():
         lines += [f"![{title}]({path})", ""]
@@ -337,7 +368,7 @@ def write_report(results_dir: str, out: str | None = None, command: str | None =
     plot_double_descent(runs, rows, os.path.join(out_dir, plots["validation loss and error against rank"]))
     plot_accuracy_params(runs, rows, os.path.join(out_dir, plots["accuracy against trainable parameters"]))
     rel = os.path.relpath(os.path.abspath(results_dir), out_dir)
-    atomic_write(out, markdown(rel, runs, rows, plots, command))
+    atomic_write(out, markdown(rel, runs, rows, plots, command, os.path.abspath(results_dir)))
     return out
 
 

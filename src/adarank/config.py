@@ -8,6 +8,7 @@ the command line. Every check raises `ConfigError` naming the offending field.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -362,7 +363,14 @@ def _check_int(obj: Any, name: str, minimum: int, section: str = "adarank") -> N
 
 def _check_number(obj: Any, name: str, minimum: float, strict: bool = False, section: str = "adarank") -> None:
     value = getattr(obj, name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot, no sign in the exponent) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+        else:
+            setattr(obj, name, value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise ConfigError(f"{section}.{name} must be a number, got {value!r}")
     if value < minimum or (strict and value == minimum):
         raise ConfigError(f"{section}.{name} must be {'>' if strict else '>='} {minimum}, got {value}")

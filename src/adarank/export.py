@@ -30,7 +30,8 @@ def _model_dir(run_dir: str) -> str:
     for candidate in (os.path.join(run_dir, "model"), run_dir):
         if os.path.isfile(os.path.join(candidate, "adarank_model.json")):
             return candidate
-    raise FileNotFoundError(f"{run_dir}: no AdaRank run here (expected model/adarank_model.json)")
+    raise FileNotFoundError(f"{run_dir}: no AdaRank run here (expected model/adarank_model.json; runs of method "
+                            "head or full save a plain transformers model in model/: load it with from_pretrained)")
 
 
 def total_updates(model: Any, adapter: str = ADAPTER) -> dict[str, tuple[torch.Tensor, float]]:
@@ -54,6 +55,9 @@ def export_adapter(run_dir: str, out_dir: str, max_rank: int | None = None, merg
         meta = json.load(fh)
     run_model, tokenizer = load_run_model(model_dir)
     run_model.eval()
+    if not merged and not any(True for _ in lora_layers(run_model)):
+        raise ValueError(f"{run_dir}: the run's adapter is not LoRA (PEFT AdaLoRA?); its model/adapter directory "
+                         "already loads with PeftModel.from_pretrained, or export it with --merged")
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if merged:
