@@ -172,8 +172,9 @@ def _parallel_note(runs: dict[str, list[dict]]) -> str:
     return " and ".join(parts)
 
 
-def overhead_section(results_dir: str) -> list[str]:
-    """The measurements of `benchmarks/overhead.py --output RESULTS_DIR/overhead.json`, when present."""
+def overhead_section(results_dir: str, shown_dir: str) -> list[str]:
+    """The measurements of `benchmarks/overhead.py --output RESULTS_DIR/overhead.json`, when present
+    (`shown_dir`: the results directory as the command line named it)."""
     path = os.path.join(results_dir, "overhead.json")
     if not os.path.exists(path):
         return []
@@ -184,7 +185,8 @@ def overhead_section(results_dir: str) -> list[str]:
            for k, rs in m.items()}
     growth = [g for r in m["adarank"] for g in r["growth_events"]]
     lines = ["", "## Overhead", "",
-             f"`python benchmarks/overhead.py --steps {a['steps']} --repeats {a['repeats']} --rank {a['rank']}` "
+             f"`python benchmarks/overhead.py --steps {a['steps']} --repeats {a['repeats']} --rank {a['rank']} "
+             f"--output {os.path.join(shown_dir, 'overhead.json')}` "
              f"(same model and data, one process per measurement, contenders alternating, medians of "
              f"{a['repeats']} repeats of {a['steps']} optimizer steps at rank {a['rank']}):", "",
              "| contender | s/step | samples/s | peak RSS (MiB) |", "|---|---|---|---|"]
@@ -203,7 +205,7 @@ def overhead_section(results_dir: str) -> list[str]:
 
 
 def markdown(results_dir: str, runs: dict[str, list[dict]], rows: list[dict], plots: dict[str, str],
-             command: str | None, results_dir_abs: str) -> str:
+             command: str | None, results_dir_abs: str, shown_dir: str) -> str:
     first = next(iter(runs.values()))[0]
     common, differ = settings(runs)
     quick = any(r["bench"].get("quick") for rs in runs.values() for r in rs)
@@ -244,7 +246,7 @@ def markdown(results_dir: str, runs: dict[str, list[dict]], rows: list[dict], pl
         lines += ["", "## AdaRank against the references", "",
                   "Differences of means in points; SE is the standard error of the difference over seeds. "
                   "\"higher\"/\"lower\" only where |Δ| > 2 SE.", ""] + cmp_lines
-    lines += overhead_section(results_dir_abs)
+    lines += overhead_section(results_dir_abs, shown_dir)
     lines += ["", "## Plots", ""]
     for title, path in plots.items():
         lines += [f"![{title}]({path})", ""]
@@ -368,7 +370,7 @@ def write_report(results_dir: str, out: str | None = None, command: str | None =
     plot_double_descent(runs, rows, os.path.join(out_dir, plots["validation loss and error against rank"]))
     plot_accuracy_params(runs, rows, os.path.join(out_dir, plots["accuracy against trainable parameters"]))
     rel = os.path.relpath(os.path.abspath(results_dir), out_dir)
-    atomic_write(out, markdown(rel, runs, rows, plots, command, os.path.abspath(results_dir)))
+    atomic_write(out, markdown(rel, runs, rows, plots, command, os.path.abspath(results_dir), results_dir))
     return out
 
 
