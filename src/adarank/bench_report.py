@@ -137,7 +137,7 @@ def compare(a: dict, b: dict, key: str) -> str:
     elif abs(diff) > 2 * se:
         verdict = "higher" if diff > 0 else "lower"
     else:
-        verdict = "within seed noise (|Δ| ≤ 2 SE)"
+        verdict = "within seed noise: ≤ 2 SE"
     return f"{diff:+.2f} (SE {se:.2f}; {verdict})"
 
 
