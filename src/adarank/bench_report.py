@@ -59,8 +59,8 @@ def summarize(runs: dict[str, list[dict]]) -> list[dict]:
                "seeds": sorted(r["bench"]["seed"] for r in rs)}
         for key in ("accuracy", "f1_macro", "eval_loss"):
             row[key] = mean_std([r["final"][key] for r in rs])
-        for key in ("trainable_params_final", "trainable_params_avg", "growth_events", "final_rank", "final_rank_mean",
-                    "wall_time_s", "step_time_s", "steps"):
+        for key in ("trainable_params_final", "trainable_params_avg", "growth_events", "final_rank", "wall_time_s",
+                    "step_time_s"):
             row[key] = mean_std([r.get(key) for r in rs])
         rows.append(row)
     return rows

@@ -96,9 +96,7 @@ class AdaRankConfig:
         _check_int(self, "cooldown_steps", minimum=0)
         _check_int(self, "rewarmup_steps", minimum=0)
         _check_number(self, "lora_alpha_ratio", minimum=0.0, strict=True)
-        _check_number(self, "lora_dropout", minimum=0.0)
-        if self.lora_dropout >= 1.0:
-            raise ConfigError(f"adarank.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        _check_number(self, "lora_dropout", minimum=0.0, below=1.0)
         if self.criterion not in CRITERIA:
             raise ConfigError(f"adarank.criterion must be one of {list(CRITERIA)}, got {self.criterion!r}")
         if self.strategy not in STRATEGIES:
@@ -208,9 +206,7 @@ class TrainConfig:
                 _check_int(self, name, minimum=1, section="train")
         _check_number(self, "lr", minimum=0.0, strict=True, section="train")
         _check_number(self, "weight_decay", minimum=0.0, section="train")
-        _check_number(self, "warmup_ratio", minimum=0.0, section="train")
-        if self.warmup_ratio >= 1.0:
-            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        _check_number(self, "warmup_ratio", minimum=0.0, below=1.0, section="train")
         _check_number(self, "max_grad_norm", minimum=0.0, section="train")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ConfigError(f"train.mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
@@ -263,9 +259,7 @@ class AdaLoraSettings:
             raise ConfigError("adalora.tinit_ratio + adalora.tfinal_ratio must be below 1 (AdaLoRA needs a budgeting "
                               f"phase), got {self.tinit_ratio} + {self.tfinal_ratio}")
         for name in ("beta1", "beta2"):
-            _check_number(self, name, minimum=0.0, section="adalora")
-            if getattr(self, name) >= 1.0:
-                raise ConfigError(f"adalora.{name} must be in [0, 1), got {getattr(self, name)}")
+            _check_number(self, name, minimum=0.0, below=1.0, section="adalora")
         _check_number(self, "orth_reg_weight", minimum=0.0, section="adalora")
 
 
@@ -361,7 +355,9 @@ def _check_int(obj: Any, name: str, minimum: int, section: str = "adarank") -> N
         raise ConfigError(f"{section}.{name} must be >= {minimum}, got {value}")
 
 
-def _check_number(obj: Any, name: str, minimum: float, strict: bool = False, section: str = "adarank") -> None:
+def _check_number(obj: Any, name: str, minimum: float, strict: bool = False, section: str = "adarank",
+                  below: float | None = None) -> None:
+    """A number >= minimum (> with `strict`) and, when `below` is given, < below."""
     value = getattr(obj, name)
     if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot, no sign in the exponent) as a string
         try:
@@ -374,3 +370,5 @@ def _check_number(obj: Any, name: str, minimum: float, strict: bool = False, sec
         raise ConfigError(f"{section}.{name} must be a number, got {value!r}")
     if value < minimum or (strict and value == minimum):
         raise ConfigError(f"{section}.{name} must be {'>' if strict else '>='} {minimum}, got {value}")
+    if below is not None and value >= below:
+        raise ConfigError(f"{section}.{name} must be in [{minimum:g}, {below:g}), got {value}")

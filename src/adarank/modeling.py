@@ -100,16 +100,26 @@ def resolve_targets(model: nn.Module, targets: list[str] | None) -> list[str]:
     return list(targets)
 
 
+def head_names(model: nn.Module) -> list[str]:
+    """The classification head modules a sequence classifier has (trained alongside any adapter)."""
+    return [h for h in HEAD_NAMES if hasattr(model, h)]
+
+
+def _peft_task(model: nn.Module, seq2seq: bool) -> dict[str, Any]:
+    """PEFT config fields shared by LoRA and AdaLoRA: the task type and, for classifiers, the head to train."""
+    from peft import TaskType
+
+    if seq2seq:
+        return {"task_type": TaskType.SEQ_2_SEQ_LM, "modules_to_save": None}
+    return {"task_type": TaskType.SEQ_CLS, "modules_to_save": head_names(model) or None}
+
+
 def apply_lora(model: nn.Module, seq2seq: bool, r: int, lora_alpha: float, targets: list[str] | None, dropout: float) -> nn.Module:
     """PEFT LoRA on `targets`; for classifiers the head is trained too (PEFT's modules_to_save)."""
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     targets = resolve_targets(model, targets)
-    heads = [h for h in HEAD_NAMES if hasattr(model, h)] if not seq2seq else None
-    cfg = LoraConfig(
-        r=r, lora_alpha=lora_alpha, target_modules=targets, lora_dropout=dropout,
-        task_type=TaskType.SEQ_2_SEQ_LM if seq2seq else TaskType.SEQ_CLS, modules_to_save=heads or None,
-    )
+    cfg = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=targets, lora_dropout=dropout, **_peft_task(model, seq2seq))
     return get_peft_model(model, cfg)
 
 
@@ -117,17 +127,16 @@ def apply_adalora(model: nn.Module, seq2seq: bool, settings: Any, lora_alpha_rat
                   dropout: float, total_steps: int) -> nn.Module:
     """PEFT AdaLoRA on `targets` with PEFT's `total_step` set to the run's real number of optimizer steps.
     The caller must call `model.base_model.update_and_allocate(step)` after every optimizer step."""
-    from peft import AdaLoraConfig, TaskType, get_peft_model
+    from peft import AdaLoraConfig, get_peft_model
 
     # tinit_ratio + tfinal_ratio < 1 (checked by the config), so tinit < total_steps - tfinal: a budgeting phase
     tinit, tfinal = int(settings.tinit_ratio * total_steps), int(settings.tfinal_ratio * total_steps)
     targets = resolve_targets(model, targets)
-    heads = [h for h in HEAD_NAMES if hasattr(model, h)] if not seq2seq else None
     cfg = AdaLoraConfig(
         init_r=settings.init_r, target_r=settings.target_r, tinit=tinit, tfinal=tfinal, deltaT=settings.delta_t,
         beta1=settings.beta1, beta2=settings.beta2, orth_reg_weight=settings.orth_reg_weight, total_step=total_steps,
         lora_alpha=lora_alpha_ratio * settings.target_r, target_modules=targets, lora_dropout=dropout,
-        task_type=TaskType.SEQ_2_SEQ_LM if seq2seq else TaskType.SEQ_CLS, modules_to_save=heads or None,
+        **_peft_task(model, seq2seq),
     )
     return get_peft_model(model, cfg)
 
@@ -141,7 +150,7 @@ def prepare_model(model: nn.Module, seq2seq: bool, cfg: Any, total_steps: int) -
         return apply_adalora(model, seq2seq, cfg.adalora, ac.lora_alpha_ratio, ac.target_modules, ac.lora_dropout,
                              total_steps)
     if method == "head":
-        heads = [h for h in HEAD_NAMES if hasattr(model, h)]
+        heads = head_names(model)
         if seq2seq or not heads:
             raise ModelError("method.name=head needs a sequence classifier with a `classifier` or `score` head; "
                              f"{type(model).__name__} has none")

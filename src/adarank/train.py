@@ -282,7 +282,6 @@ class Run:
     def _results(self, evals: list, events: list, trainable_avg: float, wall: float, steps: int) -> dict:
         cfg = self.cfg
         ranks, rank_max, rank_mean = rank_summary(self.raw_model)
-        rank0 = self.rank0
         train_time = wall - self.eval_time - self.decision_time
         return {
             "task": cfg.data.task,
@@ -296,7 +295,7 @@ class Run:
             "final": {k: v for k, v in evals[-1].items() if k not in ("step", "epoch", "rank")},
             "evals": evals,
             "rank_events": events,
-            "rank_schedule": [rank0] + [e["to_rank"] for e in events if e["action"] == "grow"],
+            "rank_schedule": [self.rank0] + [e["to_rank"] for e in events if e["action"] == "grow"],
             "growth_events": sum(e["action"] == "grow" for e in events),
             "pruned": any(e["action"] == "prune" for e in events),
             "final_rank": rank_max,
