@@ -20,7 +20,10 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .config import ConfigError, load_config
+import yaml
+
+from .config import RESUME_MAY_CHANGE, ConfigError, config_differences, load_config
+from .rundir import read_marker
 
 QUICK_OVERRIDES = (
     "data.max_train_samples=256", "data.max_eval_samples=128", "train.epochs=1", "train.batch_size=16",
@@ -86,14 +89,33 @@ def plan(suite: str, seeds: list[int], methods: list[str] | None, quick: bool, o
     return jobs
 
 
-def _command(job: Job, run_dir: str, data_dir: str | None) -> list[str]:
-    cmd = [sys.executable, "-m", "adarank.cli", "train", "--config", job.config, "--output-dir", run_dir,
-           "--seed", str(job.seed)]
+def _command(job: Job, run_dir: str, data_dir: str | None, force: bool = False) -> list[str]:
+    """The `adarank train` command of a job. A run directory left by an earlier, unfinished attempt is
+    resumed from its checkpoint when its config is the job's; otherwise (or with --force) it is replaced."""
+    args = ["--config", job.config, "--output-dir", run_dir, "--seed", str(job.seed)]
     if data_dir is not None:
-        cmd += ["--data-dir", data_dir]
+        args += ["--data-dir", data_dir]
     for item in job.overrides:
-        cmd += ["--set", item]
-    return cmd
+        args += ["--set", item]
+    marker = read_marker(run_dir)
+    if marker is not None:
+        args.append("--overwrite" if force or not _resumable(run_dir, marker, args) else "--resume")
+    return [sys.executable, "-m", "adarank.cli", "train", *args]
+
+
+def _resumable(run_dir: str, marker: dict, args: list[str]) -> bool:
+    from .checkpoint import latest_checkpoint
+    from .cli import build_parser, config_from_args
+
+    if marker.get("status") == "complete" or latest_checkpoint(run_dir) is None:
+        return False
+    try:
+        with open(os.path.join(run_dir, "config.yaml"), encoding="utf-8") as fh:
+            previous = yaml.safe_load(fh)
+    except (OSError, yaml.YAMLError):
+        return False
+    current = config_from_args(build_parser().parse_args(["train", *args])).to_dict()
+    return not [k for k in config_differences(previous, current) if k not in RESUME_MAY_CHANGE]
 
 
 def run_bench(
@@ -135,8 +157,9 @@ def run_bench(
             run_dir = os.path.join(output_dir, "runs", job.method, f"seed{job.seed}")
             os.makedirs(run_dir, exist_ok=True)
             log_path = os.path.join(run_dir, "bench.log")
-            with open(log_path, "w", encoding="utf-8") as fh:
-                proc = subprocess.Popen(_command(job, run_dir, data_dir), stdout=fh, stderr=subprocess.STDOUT, env=env)
+            with open(log_path, "a", encoding="utf-8") as fh:  # an earlier attempt's log stays above
+                proc = subprocess.Popen(_command(job, run_dir, data_dir, force), stdout=fh, stderr=subprocess.STDOUT,
+                                        env=env)
             running.append((job, proc, run_dir, time.time()))
             log(f"bench: started {job.key}")
         time.sleep(0.5)

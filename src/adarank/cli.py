@@ -3,35 +3,82 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 
-from .config import ConfigError, load_config
+from .config import ConfigError, RunConfig, load_config
 
 
-def _train(args: argparse.Namespace) -> int:
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The run config `adarank train` ARGS describe: the file, then --set, then the shortcut flags."""
     overrides = list(args.set or [])
     for flag, key in (("output_dir", "train.output_dir"), ("data_dir", "data.data_dir"),
                       ("max_steps", "train.max_steps"), ("seed", "train.seed")):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
-    cfg = load_config(args.config, overrides)
-    from .train import train
+    return load_config(args.config, overrides)
 
-    results = train(cfg)
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    from .distributed import check_launch_env, launch, world_size
+    from .rundir import check_output_dir
+
+    if args.nproc_per_node is not None and world_size() == 1:  # this process launches the workers
+        if args.nproc_per_node < 1:
+            raise ValueError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+        if args.nproc_per_node > 1:
+            check_launch_env()  # fail here, once, rather than in every worker
+            check_output_dir(cfg.train.output_dir, resume=args.resume, overwrite=args.overwrite)
+            return launch(args.nproc_per_node, _without_nproc(args.argv))
+    from .train import Interrupted, NonFiniteLoss, train
+
+    try:
+        results = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    except NonFiniteLoss as exc:
+        _say(f"adarank: error: {exc}")
+        return 1
+    except Interrupted as stop:
+        again = [a for a in _without_nproc(args.argv) if a not in ("--overwrite", "--resume")] + ["--resume"]
+        if world_size() > 1:
+            again += ["--nproc-per-node", str(world_size())]
+        _say(f"adarank: {stop}; continue with: adarank {shlex.join(again)}")
+        return 128 + stop.signum
     final = results["final"]
-    print(
+    _say(
         f"done: accuracy={final['accuracy']:.4f} f1_macro={final['f1_macro']:.4f} f1_pos={final['f1_pos']:.4f} "
-        f"rank {' -> '.join(map(str, results['rank_schedule']))} in {results['wall_time_s']:.0f}s; "
-        f"outputs in {cfg.train.output_dir}"
+        f"rank {' -> '.join(map(str, results['rank_schedule']))} in {results['wall_time_s']:.0f}s "
+        f"({results['num_processes']} process{'es' if results['num_processes'] > 1 else ''}); "
+        f"outputs in {cfg.train.output_dir}", err=False,
     )
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc-per-node":
+            skip = True
+        elif not a.startswith("--nproc-per-node="):
+            out.append(a)
+    return out
+
+
+def _say(line: str, err: bool = True) -> None:
+    """Print once: in several processes only the first (RANK 0) does; they would all print the same."""
+    if os.environ.get("RANK", "0") in ("", "0"):
+        print(line, file=sys.stderr if err else sys.stdout, flush=True)
 
 
 def _export(args: argparse.Namespace) -> int:
     from .export import export_adapter
 
-    log = export_adapter(args.run_dir, args.out_dir, max_rank=args.max_rank, merged=args.merged)
+    log = export_adapter(args.run_dir, args.out_dir, max_rank=args.max_rank, merged=args.merged,
+                         overwrite=args.overwrite)
     if log["format"] == "merged":
         print(f"merged model written to {args.out_dir} (AutoModel*.from_pretrained); "
               f"max abs logit difference to the run model: {log['max_abs_logit_diff']:.2e}")
@@ -44,8 +91,6 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import shlex
-
     from .bench import run_bench
 
     command = "adarank " + " ".join(shlex.quote(a) for a in sys.argv[1:])  # provenance, in every results file
@@ -81,12 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, help="= train.seed")
     t.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="override any config field, value parsed as YAML (repeatable), e.g. --set adarank.tol=0.05")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in the output directory from its newest checkpoint (same config)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run in the output directory (only the files a run writes are removed)")
+    t.add_argument("--nproc-per-node", type=int, metavar="N",
+                   help="train in N connected local processes (gloo on CPU, NCCL on GPUs), like torchrun")
     t.set_defaults(func=_train)
     e = sub.add_parser("export", help="write a run as a standard PEFT LoRA adapter relative to the original base")
     e.add_argument("run_dir", help="a run's output directory (or its model/ directory)")
     e.add_argument("out_dir")
     e.add_argument("--max-rank", type=int, help="cap the exported rank per module (SVD truncation; errors logged)")
     e.add_argument("--merged", action="store_true", help="write a full merged model instead of an adapter")
+    e.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT_DIR")
     e.set_defaults(func=_export)
     b = sub.add_parser("bench", help="run a grid of methods x seeds from a suite of configs and report it")
     b.add_argument("--suite", default="configs/bench/mrpc_minilm", help="directory of method configs (default: %(default)s)")
@@ -108,7 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # a deprecation inside transformers that PEFT triggers on every model: noise in front of our one line
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     if getattr(args, "verb", None) == "bench":
         if args.output_dir is None:
             args.output_dir = "out/bench_quick" if args.quick else "out/bench"
@@ -117,9 +175,25 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        print(f"adarank: error: {exc}", file=sys.stderr)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:  # bad input: config, data, model, paths
+        _say(f"adarank: error: {exc}")
         return 2
+    except OSError as exc:  # the machine, not the input: a full disk, a lost file system
+        _say(f"adarank: error: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        _say("adarank: interrupted")
+        return 130
+    except RuntimeError as exc:
+        from .distributed import LAUNCHED, lost_peer
+
+        if not lost_peer(exc):
+            raise
+        if not os.environ.get(LAUNCHED):  # our launcher names the process that went; torchrun does not
+            print(f"adarank: error: process {os.environ.get('RANK')} lost contact with another process of the run "
+                  f"({' '.join(str(exc).split())[:200]}); continue from the last checkpoint with --resume",
+                  file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -177,7 +177,10 @@ class DataConfig:
 class TrainConfig:
     """Our loop's settings. max_steps (optimizer steps) overrides epochs when set. eval_steps: also
     evaluate every N optimizer steps (None = once per epoch only). mixed_precision: "auto" (bf16 on a GPU
-    that supports it, else fp32), "no", "bf16" or "fp16" (with a GradScaler, rebuilt on growth)."""
+    that supports it, else fp32), "no", "bf16" or "fp16" (with a GradScaler, kept across rank changes).
+    checkpoint_every: write a checkpoint every N optimizer steps (None: only at the last step and when
+    stopped by SIGINT/SIGTERM); keep_checkpoints: how many of the newest to keep. max_nonfinite_steps: stop
+    the run after this many consecutive steps with a non-finite loss (each is skipped, never applied)."""
 
     output_dir: str = "out/run"
     seed: int = 42
@@ -195,9 +198,16 @@ class TrainConfig:
     mixed_precision: str = "auto"
     group_by_length: bool = True
     save_model: bool = True
+    checkpoint_every: int | None = 200
+    keep_checkpoints: int = 2
+    max_nonfinite_steps: int = 10
 
     def __post_init__(self) -> None:
         _check_int(self, "seed", minimum=0, section="train")
+        for name in ("keep_checkpoints", "max_nonfinite_steps"):
+            _check_int(self, name, minimum=1, section="train")
+        if self.checkpoint_every is not None:
+            _check_int(self, "checkpoint_every", minimum=1, section="train")
         _check_number(self, "epochs", minimum=0.0, strict=True, section="train")
         for name in ("batch_size", "eval_batch_size", "grad_accum_steps", "logging_steps"):
             _check_int(self, name, minimum=1, section="train")
@@ -299,6 +309,21 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+# Fields that may differ between a run and its resumption (`adarank train --resume`): they change neither
+# the data order nor any number the run computes.
+RESUME_MAY_CHANGE = ("train.checkpoint_every", "train.keep_checkpoints", "train.max_nonfinite_steps",
+                     "train.save_model")
+
+
+def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Dotted names of the fields whose values differ between two `RunConfig.to_dict()` mappings."""
+    out = []
+    for section in sorted(set(a) | set(b)):
+        sa, sb = a.get(section) or {}, b.get(section) or {}
+        out += [f"{section}.{k}" for k in sorted(set(sa) | set(sb)) if sa.get(k) != sb.get(k)]
+    return out
+
+
 def load_config(path: str, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config and apply `section.field=value` overrides (values parsed as YAML)."""
     return RunConfig.from_dict(apply_overrides(read_config_file(path), overrides or []), source=path)
@@ -312,8 +337,13 @@ def read_config_file(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
             raw = yaml.safe_load(fh) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the config: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        what = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigError(f"{where}: not valid YAML: {what}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with sections {sorted(SECTIONS)}")
     parent = raw.pop("extends", None)
@@ -324,6 +354,8 @@ def read_config_file(path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     parent_path = os.path.normpath(os.path.join(os.path.dirname(path), parent))
     if parent_path in _seen:
         raise ConfigError(f"{path}: extends forms a cycle through {parent_path}")
+    if not os.path.isfile(parent_path):
+        raise ConfigError(f"{path}: extends: {parent!r} not found (looked for {parent_path})")
     base = read_config_file(parent_path, _seen + (os.path.normpath(path),))
     for section, values in raw.items():
         if isinstance(values, dict) and isinstance(base.get(section), dict):
@@ -342,7 +374,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raise ConfigError(f"override {item!r} must look like section.field=value (e.g. adarank.tol=0.05)")
         if section not in SECTIONS:
             raise ConfigError(f"override {item!r}: unknown section '{section}'; known: {sorted(SECTIONS)}")
+        known = {f.name for f in dataclasses.fields(SECTIONS[section])}
+        if name not in known:
+            raise ConfigError(f"override {item!r}: unknown field {section}.{name}; known: {sorted(known)}")
         raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"override {item!r}: section '{section}' of the config file is not a mapping")
         raw[section][name] = yaml.safe_load(value) if value.strip() else None
     return raw
 

@@ -24,16 +24,19 @@ class DataError(ValueError):
 def load_split(task: TaskSpec, split: str, data_dir: str | None = None, limit: int | None = None) -> list[dict]:
     """Examples of one split as dicts with the task's text fields and an int `label`."""
     if data_dir is None:
-        import datasets
-
-        rows = datasets.load_dataset("glue", task.name, split=split)
+        rows = _load_hub(task, split)
         return [_check_row(dict(r), task, f"hub glue/{task.name}/{split}", i + 1) for i, r in enumerate(rows)][:limit]
     path = os.path.join(data_dir, task.name, f"{split}.jsonl")
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found (expected the HF glue layout <data_dir>/<task>/<split>.jsonl)")
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column "
+                                f"{exc.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -46,6 +49,35 @@ def load_split(task: TaskSpec, split: str, data_dir: str | None = None, limit: i
     if not rows:
         raise DataError(f"{path}: no examples")
     return rows
+
+
+def _load_hub(task: TaskSpec, split: str) -> Any:
+    """`datasets.load_dataset("glue", task)`; when the hub cannot be reached (and HF_DATASETS_OFFLINE /
+    HF_HUB_OFFLINE do not ask for the local cache) one quick request says so at once, instead of the
+    minute of retries `datasets` spends before its ConnectionError."""
+    import datasets
+    from huggingface_hub import constants
+
+    hint = ("data.data_dir is null, so GLUE is read from the Hugging Face hub, which {}; set data.data_dir "
+            "(or --data-dir) to a local copy in the HF glue layout <dir>/<task>/<split>.jsonl")
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if not offline:
+        from huggingface_hub.utils import get_session
+
+        try:
+            get_session().head(constants.ENDPOINT, timeout=10)
+        except Exception as exc:  # any transport error: DNS, refused, timeout, proxy
+            raise DataError(hint.format(f"cannot be reached ({_why(exc)})")) from None
+    try:
+        return datasets.load_dataset("glue", task.name, split=split)
+    except (ConnectionError, OSError) as exc:
+        raise DataError(hint.format(f"failed ({_why(exc)})")) from None
+
+
+def _why(exc: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _check_row(row: Any, task: TaskSpec, path: str, lineno: int) -> dict:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections import Counter
 from typing import Any
 
@@ -21,17 +22,61 @@ import torch
 
 from .modeling import load_base_model, load_run_model, resolve_model_path
 from .report import write_json
+from .rundir import describe, read_marker
 from .surgery import ADAPTER, MERGED_DELTA_ATTR, base_module_name, base_weight_name, lora_layers, svd_factors
 
 RANK_RTOL = 1e-6  # singular values below RANK_RTOL · s_max count as zero
+EXPORT_LOG = "export_log.json"  # written last into every export: also what marks a directory as one
 
 
 def _model_dir(run_dir: str) -> str:
     for candidate in (os.path.join(run_dir, "model"), run_dir):
         if os.path.isfile(os.path.join(candidate, "adarank_model.json")):
             return candidate
+    marker = read_marker(run_dir)
+    if marker is not None and marker.get("status") == "nonfinite_loss":
+        raise FileNotFoundError(f"{run_dir}: the run stopped on a non-finite loss (see its results.json) and has no "
+                                "model to export")
+    if marker is not None and marker.get("status") != "complete":
+        raise FileNotFoundError(f"{run_dir}: the run has no model yet ({describe(marker)}); finish it with "
+                                "`adarank train ... --resume`, then export")
     raise FileNotFoundError(f"{run_dir}: no AdaRank run here (expected model/adarank_model.json; runs of method "
                             "head or full save a plain transformers model in model/: load it with from_pretrained)")
+
+
+def _check_target(run_dir: str, out_dir: str, overwrite: bool) -> None:
+    """Refuse a target that would destroy what the export did not write: the run itself, a directory that
+    contains the run, a non-empty directory (unless `overwrite` and it holds an earlier export)."""
+    run, out = os.path.realpath(run_dir), os.path.realpath(out_dir)
+    if out == run or run.startswith(out.rstrip(os.sep) + os.sep):
+        raise ValueError(f"export target {out_dir} is {'the run directory' if out == run else 'a directory that contains the run'}; "
+                         "choose a new directory")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"export target {out_dir} exists and is not a directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        if not overwrite:
+            raise ValueError(f"export target {out_dir} is not empty; choose a new directory (or --overwrite to replace "
+                             "an earlier export)")
+        if not os.path.isfile(os.path.join(out_dir, EXPORT_LOG)):
+            raise ValueError(f"export target {out_dir} holds no earlier export ({EXPORT_LOG}); --overwrite replaces only "
+                             "an export, so choose a new directory")
+
+
+def _install(tmp: str, out_dir: str) -> None:
+    """Move the finished export `tmp` to `out_dir`, replacing an empty directory or an earlier export
+    (checked by `_check_target`) only once the new one is complete."""
+    if not os.path.isdir(out_dir):
+        os.replace(tmp, out_dir)
+        return
+    if not os.listdir(out_dir):
+        os.rmdir(out_dir)
+        os.replace(tmp, out_dir)
+        return
+    old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)), prefix=".old-export-")
+    os.rmdir(old)
+    os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old)
 
 
 def total_updates(model: Any, adapter: str = ADAPTER) -> dict[str, tuple[torch.Tensor, float]]:
@@ -47,19 +92,43 @@ def total_updates(model: Any, adapter: str = ADAPTER) -> dict[str, tuple[torch.T
     return out
 
 
-def export_adapter(run_dir: str, out_dir: str, max_rank: int | None = None, merged: bool = False) -> dict:
+def export_adapter(run_dir: str, out_dir: str, max_rank: int | None = None, merged: bool = False,
+                   overwrite: bool = False) -> dict:
     """Write a PEFT adapter directory (or, with `merged`, a full merged model) for the run in `run_dir`,
-    verify it against the run model on a fixed random batch, and return the export log."""
+    verify it against the run model on a fixed random batch, and return the export log. The export is
+    built in a temporary sibling of `out_dir` and renamed; nothing the export did not write is deleted."""
+    if max_rank is not None and max_rank < 1:
+        raise ValueError(f"--max-rank must be >= 1, got {max_rank}")
+    _check_target(run_dir, out_dir, overwrite)
     model_dir = _model_dir(run_dir)
     with open(os.path.join(model_dir, "adarank_model.json"), encoding="utf-8") as fh:
         meta = json.load(fh)
     run_model, tokenizer = load_run_model(model_dir)
     run_model.eval()
+    bad = sorted(n for n, p in run_model.named_parameters() if not bool(torch.isfinite(p).all()))
+    if bad:
+        raise ValueError(f"{run_dir}: the run's model has non-finite weights ({', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}); nothing exported")
     if not merged and not any(True for _ in lora_layers(run_model)):
         raise ValueError(f"{run_dir}: the run's adapter is not LoRA (PEFT AdaLoRA?); its model/adapter directory "
                          "already loads with PeftModel.from_pretrained, or export it with --merged")
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(os.path.abspath(out_dir))}-")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the export's mode
+    try:
+        log = _write_export(run_model, tokenizer, model_dir, meta, tmp, max_rank, merged)
+        _install(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return log
+
+
+def _write_export(run_model: Any, tokenizer: Any, model_dir: str, meta: dict, tmp: str, max_rank: int | None,
+                  merged: bool) -> dict:
     if merged:
         log = {"format": "merged", "base_model": meta["base_model"]}
         run_model.merge_and_unload().save_pretrained(tmp)
@@ -73,9 +142,7 @@ def export_adapter(run_dir: str, out_dir: str, max_rank: int | None = None, merg
         exported = PeftModel.from_pretrained(load_base_model(resolve_model_path(meta["base_model"]), meta["num_labels"])[0], tmp)
     tokenizer.save_pretrained(tmp)
     log["max_abs_logit_diff"] = _compare(run_model, exported, meta["seq2seq"], len(tokenizer))
-    write_json(os.path.join(tmp, "export_log.json"), log)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    write_json(os.path.join(tmp, EXPORT_LOG), log)
     return log
 
 

@@ -29,9 +29,13 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path.startswith("package:"):
         module = name_or_path.split(":", 1)[1]
         try:
-            return importlib.import_module(module).get_model_path()
+            get_path = importlib.import_module(module).get_model_path
         except ImportError:
             raise ModelError(f"model.name_or_path: package module {module!r} is not installed") from None
+        except AttributeError:
+            raise ModelError(f"model.name_or_path: package module {module!r} has no get_model_path() "
+                             "(`package:MODULE` needs a pip package that ships a model)") from None
+        return str(get_path())
     return name_or_path
 
 
@@ -66,21 +70,55 @@ def check_tokenizer(tokenizer: Any, name: str) -> None:
 
 
 def _cannot_load(path: str, exc: Exception) -> str:
-    return (f"model.name_or_path: cannot load {path!r} ({str(exc).splitlines()[0]}). Without hub access, "
+    why = " ".join(str(exc).split()) or type(exc).__name__
+    if os.path.isdir(path):
+        return f"model.name_or_path: cannot load the model in {path} ({why[:300]})"
+    return (f"model.name_or_path: cannot load {path!r} ({why[:300]}). Without hub access, "
             "set it to a local directory or a `package:MODULE` that ships the model.")
 
 
-def load_base_model(path: str, num_labels: int) -> tuple[nn.Module, bool]:
-    """(model, is_seq2seq): a seq2seq LM for encoder-decoder models, else a sequence classifier."""
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+def load_model_config(path: str) -> Any:
+    """The model's `transformers` config (read before any weights are)."""
+    from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(path)
-    except OSError as exc:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
         raise ModelError(_cannot_load(path, exc)) from None
-    if config.is_encoder_decoder:
-        return AutoModelForSeq2SeqLM.from_pretrained(path), True
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels), False
+
+
+# Models whose learned position table starts at padding_idx + 1 (fairseq style): usable length is 2 less.
+POSITION_OFFSET_TYPES = ("roberta", "xlm-roberta", "camembert")
+
+
+def position_limit(config: Any) -> int | None:
+    """The longest input the model's learned position embeddings allow; None for relative positions (T5)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or getattr(config, "model_type", "") in ("t5", "mt5", "umt5"):
+        return None
+    if config.model_type in POSITION_OFFSET_TYPES:
+        limit -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return limit
+
+
+def check_max_length(config: Any, max_length: int, name: str) -> None:
+    limit = position_limit(config)
+    if limit is not None and max_length > limit:
+        raise ModelError(f"model.max_length ({max_length}) exceeds what {name!r} can read: {limit} positions "
+                         "(its config's max_position_embeddings); set model.max_length to at most that")
+
+
+def load_base_model(path: str, num_labels: int, config: Any = None) -> tuple[nn.Module, bool]:
+    """(model, is_seq2seq): a seq2seq LM for encoder-decoder models, else a sequence classifier."""
+    from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+
+    config = config if config is not None else load_model_config(path)
+    try:
+        if config.is_encoder_decoder:
+            return AutoModelForSeq2SeqLM.from_pretrained(path), True
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels), False
+    except OSError as exc:  # e.g. a model directory without weights
+        raise ModelError(_cannot_load(path, exc)) from None
 
 
 def linear_module_names(model: nn.Module) -> list[str]:

@@ -1,4 +1,4 @@
-"""Optimizer, LR schedule and GradScaler, built at the start and rebuilt after every rank change.
+"""Optimizer and LR schedule, built at the start and rebuilt after every rank change (the fp16 GradScaler is kept).
 
 `apply_decision` (grow or prune, then rebuild) is what our loop and the Trainer callback both call. Surgery
 replaces LoRA Parameters, so the old optimizer would keep updating tensors the model no longer uses; a new
@@ -112,10 +112,10 @@ def rebuild_after_growth(
 
 
 def install_optimizer(accelerator: Any, old: Any, new: torch.optim.Optimizer) -> Any:
-    """Wrap `new` for `accelerator` (a fresh GradScaler first when fp16 uses one) and drop `old` from
-    the accelerator's bookkeeping so that the replaced tensors can be freed."""
-    if getattr(accelerator, "scaler", None) is not None:
-        accelerator.scaler = torch.amp.GradScaler(accelerator.device.type)
+    """Wrap `new` for `accelerator` and drop `old` from the accelerator's bookkeeping so that the replaced
+    tensors can be freed. The fp16 GradScaler is kept as it is: its loss scale was found over the run so
+    far (a fresh one would start at 2^16 again and skip steps until it backs off), and it holds no state
+    tied to an optimizer between steps."""
     if old in getattr(accelerator, "_optimizers", []):
         accelerator._optimizers.remove(old)
     return accelerator.prepare_optimizer(new)

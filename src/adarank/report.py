@@ -1,8 +1,14 @@
-"""Run outputs: JSONL logs, atomic JSON/YAML writes, package versions and the training plot."""
+"""Run outputs: JSONL logs, atomic JSON/YAML writes, package versions and the training plot.
+
+Everything written here is strict JSON: a non-finite float (NaN, ±inf), which `json` would write as a bare
+`NaN` that strict parsers reject, becomes `null`, and the record gets a `nonfinite` field that says which
+fields were what (`{"loss": "nan", "final.eval_loss": "inf"}`).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from importlib import metadata
@@ -28,8 +34,33 @@ def atomic_write(path: str, text: str) -> None:
         raise
 
 
+def strict(obj: Any) -> Any:
+    """`obj` with every non-finite float replaced by None; a top-level dict gets a `nonfinite` field naming
+    the replaced fields (dotted paths) and their values."""
+    found: dict[str, str] = {}
+
+    def walk(value: Any, path: str) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            found[path] = "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+            return None
+        if isinstance(value, dict):
+            return {k: walk(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [walk(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    out = walk(obj, "")
+    if found and isinstance(out, dict):
+        out["nonfinite"] = {**(out.get("nonfinite") or {}), **found}
+    return out
+
+
+def dumps(obj: Any, indent: int | None = None) -> str:
+    return json.dumps(strict(obj), indent=indent, allow_nan=False)
+
+
 def write_json(path: str, obj: Any) -> None:
-    atomic_write(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    atomic_write(path, dumps(obj, indent=2) + "\n")
 
 
 def write_yaml(path: str, obj: Any) -> None:
@@ -37,13 +68,17 @@ def write_yaml(path: str, obj: Any) -> None:
 
 
 class JsonlWriter:
-    def __init__(self, path: str):
+    """Appends one strict-JSON record per line. The file starts as `records` (written atomically): empty
+    for a new run, the checkpoint's history for a resumed one (so lines written after that checkpoint by
+    the interrupted process disappear)."""
+
+    def __init__(self, path: str, records: list[dict] | None = None):
         self.path = path
-        open(path, "w", encoding="utf-8").close()
+        atomic_write(path, "".join(dumps(r) + "\n" for r in records or []))
 
     def write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(dumps(record) + "\n")
 
 
 def read_jsonl(path: str) -> list[dict]:

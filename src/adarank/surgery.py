@@ -121,6 +121,22 @@ def grow_lora(
     return model
 
 
+def resize_lora(model: nn.Module, ranks: dict[str, int], adapter: str = ADAPTER) -> None:
+    """Give LoRA modules the ranks `ranks` (module name -> rank) with zero factors and the same scaling,
+    ready for a state dict of those shapes to be loaded (resuming a run whose ranks changed)."""
+    layers = list(lora_layers(model, adapter))
+    unknown = sorted(set(ranks) - {name for name, _ in layers})
+    if unknown:
+        raise ValueError(f"not LoRA modules of this model: {unknown}")
+    for name, layer in layers:
+        rank = ranks.get(name)
+        if rank is not None and rank != int(layer.r[adapter]):
+            _check_plain(name, layer, adapter)
+            set_lora_factors(layer, torch.zeros(rank, layer.in_features), torch.zeros(layer.out_features, rank),
+                             float(layer.scaling[adapter]), adapter)
+    _sync_peft_config(model, adapter, layers)
+
+
 def _check_plain(name: str, layer: nn.Module, adapter: str) -> None:
     if not isinstance(layer.get_base_layer(), nn.Linear) or layer.use_dora.get(adapter, False):
         raise NotImplementedError(f"{name}: rank surgery supports plain LoRA on nn.Linear only")

@@ -1,13 +1,23 @@
-"""Our training loop, on Accelerate (the same code runs under `accelerate launch`).
+"""Our training loop, on Accelerate (the same code runs in N processes: `adarank train --nproc-per-node N`).
 
-setup -> loop (forward, backward, step; controller; growth or prune) -> evaluate -> save. Losses stay on
-the device and are synced in one batch at logging and decision steps, not every step.
+    setup -> (resume) -> loop: forward, backward, step; observe; grow or prune; evaluate; checkpoint -> save
+
+The training state is one object, saved and loaded as a unit (`_state`, `_tensors`; the files are described
+in checkpoint.py): a run killed at any step and resumed with `--resume` continues exactly where its last
+checkpoint was, and on CPU in fp32 ends bit-identical to the run that was never stopped. SIGINT and SIGTERM
+finish the current step, write a checkpoint and raise `Interrupted`.
+
+Step losses stay on the device and are synced in one batch at logging and decision steps; one scalar is
+synced every step: whether the loss is finite, since a step with a non-finite loss (or gradient norm) is
+skipped, never applied. `train.max_nonfinite_steps` such steps in a row stop the run (`NonFiniteLoss`).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
+import signal
 import time
 from typing import Any
 
@@ -15,16 +25,38 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .config import RunConfig
+from .checkpoint import clean_partial, failpoint, latest_checkpoint, read_checkpoint, rng_state, set_rng_state, write_checkpoint
+from .config import RESUME_MAY_CHANGE, RunConfig, config_differences
 from .controller import RankController, decision_record
 from .data import LengthGroupedBatchSampler, load_split, make_collator, tokenize
-from .metrics import classification_metrics, decode_label
+from .distributed import agree, any_process, check_launch_env, check_processes, rewrap_model, use_cpu
 from .importance import ImportanceTracker
-from .modeling import check_tokenizer, load_base_model, load_tokenizer, prepare_model, resolve_model_path, save_run_model
+from .metrics import classification_metrics, decode_label
+from .modeling import (check_max_length, check_tokenizer, load_base_model, load_model_config, load_tokenizer, prepare_model,
+                       resolve_model_path, save_run_model)
 from .optim import apply_decision, build_optimizer, build_scheduler
 from .report import JsonlWriter, package_versions, plot_training, write_json, write_yaml
-from .surgery import count_trainable, rank_summary
+from .rundir import RunDirError, check_output_dir, clear_run, write_marker
+from .surgery import MERGED_DELTA_ATTR, base_weight_name, count_trainable, lora_layers, lora_ranks, rank_summary, resize_lora
 from .tasks import get_task
+
+MERGED_PREFIX = "merged_delta::"  # checkpoint tensor names of the merged updates (relative to the original base)
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the run after a step; its checkpoint is written."""
+
+    def __init__(self, signum: int, step: int, checkpoint: str | None):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint: {checkpoint}")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss stayed non-finite for `train.max_nonfinite_steps` steps in a row."""
+
+    def __init__(self, message: str, step: int, checkpoint: str | None):
+        self.step, self.checkpoint = step, checkpoint
+        super().__init__(message)
 
 
 def peak_rss_mb() -> float | None:
@@ -47,40 +79,63 @@ def resolve_mixed_precision(choice: str) -> str:
     return "no"
 
 
-class Run:
-    """Everything one training run holds; `train(cfg)` is the entry point."""
+def _comparable(cfg: dict) -> dict:
+    """A config mapping with paths that exist written as real paths, so a relative and an absolute spelling
+    of the same directory compare equal."""
+    out = {section: dict(values) for section, values in cfg.items()}
+    for section, key in (("model", "name_or_path"), ("data", "data_dir"), ("train", "output_dir")):
+        value = out.get(section, {}).get(key)
+        if isinstance(value, str) and os.path.exists(value):
+            out[section][key] = os.path.realpath(value)
+    return out
 
-    def __init__(self, cfg: RunConfig, model: Any = None, tokenizer: Any = None):
+
+class Run:
+    """Everything one training run holds; `train(cfg)` is the entry point. `resume=True` continues the run
+    in `cfg.train.output_dir` from its newest complete checkpoint; `overwrite=True` replaces the run there
+    (removing only what a run writes)."""
+
+    def __init__(self, cfg: RunConfig, model: Any = None, tokenizer: Any = None, resume: bool = False,
+                 overwrite: bool = False):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         self.cfg = cfg
         tc, ac = cfg.train, cfg.adarank
+        self.out = tc.output_dir
+        check_launch_env()
+        self.out_mode = check_output_dir(self.out, resume=resume, overwrite=overwrite)
         self.task = get_task(cfg.data.task)
-        self.accelerator = Accelerator(
-            mixed_precision=resolve_mixed_precision(tc.mixed_precision), gradient_accumulation_steps=tc.grad_accum_steps
-        )
+        self.accelerator = Accelerator(mixed_precision=resolve_mixed_precision(tc.mixed_precision),
+                                       gradient_accumulation_steps=tc.grad_accum_steps, cpu=use_cpu())
+        check_processes(self.accelerator)
+        self.main = self.accelerator.is_main_process
         set_seed(tc.seed)
+        ckpt = self._read_resume_checkpoint() if resume else None
         self.model_path = str(resolve_model_path(cfg.model.name_or_path))
+        train_rows = load_split(self.task, "train", cfg.data.data_dir, cfg.data.max_train_samples)
+        eval_rows = load_split(self.task, self.task.eval_split, cfg.data.data_dir, cfg.data.max_eval_samples)
         if tokenizer is not None:
             check_tokenizer(tokenizer, cfg.model.name_or_path)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_path)
-        train_rows = load_split(self.task, "train", cfg.data.data_dir, cfg.data.max_train_samples)
-        eval_rows = load_split(self.task, self.task.eval_split, cfg.data.data_dir, cfg.data.max_eval_samples)
+        mc = cfg.model
+        model_config = model.config if model is not None else load_model_config(self.model_path)
+        check_max_length(model_config, mc.max_length, cfg.model.name_or_path)
         if model is None:
-            model, self.seq2seq = load_base_model(self.model_path, self.task.num_labels)
+            model, self.seq2seq = load_base_model(self.model_path, self.task.num_labels, model_config)
         else:
             self.seq2seq = bool(model.config.is_encoder_decoder)
         self.method = cfg.method.name
-        mc = cfg.model
         train_ds = tokenize(train_rows, self.task, self.tokenizer, self.seq2seq, mc.max_length, mc.max_target_length)
         eval_ds = tokenize(eval_rows, self.task, self.tokenizer, self.seq2seq, mc.max_length, mc.max_target_length)
         collate = make_collator(self.tokenizer, self.seq2seq)
         lengths = [len(x["input_ids"]) for x in train_ds]
-        sampler = LengthGroupedBatchSampler(lengths, tc.batch_size, tc.seed, mega=50 if tc.group_by_length else 1)
-        train_loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate)
+        self.sampler = LengthGroupedBatchSampler(lengths, tc.batch_size, tc.seed, mega=50 if tc.group_by_length else 1)
+        # own generators: iterating a DataLoader then draws its worker seed from them, not from the global RNG
+        train_loader = DataLoader(train_ds, batch_sampler=self.sampler, collate_fn=collate, generator=torch.Generator())
         order = sorted(range(len(eval_ds)), key=lambda i: len(eval_ds[i]["input_ids"]))
-        self.eval_loader = DataLoader([eval_ds[i] for i in order], batch_size=tc.eval_batch_size, collate_fn=collate)
+        eval_loader = DataLoader([eval_ds[i] for i in order], batch_size=tc.eval_batch_size, collate_fn=collate,
+                                 generator=torch.Generator())
 
         updates_per_epoch = math.ceil(math.ceil(len(train_loader) / self.accelerator.num_processes) / tc.grad_accum_steps)
         self.updates_per_epoch = updates_per_epoch
@@ -89,26 +144,155 @@ class Run:
         else:
             self.total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * updates_per_epoch))
         self.warmup_steps = math.ceil(tc.warmup_ratio * self.total_steps)
-        self.model = prepare_model(model, self.seq2seq, cfg, self.total_steps)
-        optimizer = build_optimizer(self.model, tc.lr, tc.weight_decay) if self.total_steps else None
-        self.scheduler = build_scheduler(optimizer, self.total_steps, self.warmup_steps) if optimizer else None
+        model = prepare_model(model, self.seq2seq, cfg, self.total_steps)
+        if ckpt is not None:
+            self._restore_model(model, *ckpt)
+        self.schedule_start = ckpt[2]["schedule_start"] if ckpt is not None else 0  # step the LR schedule was built at
+        optimizer = build_optimizer(model, tc.lr, tc.weight_decay) if self.total_steps else None
+        self.scheduler = build_scheduler(optimizer, self.total_steps, self.warmup_steps, start_step=self.schedule_start,
+                                         rewarmup_steps=ac.rewarmup_steps) if optimizer else None
         if optimizer is None:  # zero_shot
             self.optimizer = None
-            self.model, self.train_loader, self.eval_loader = self.accelerator.prepare(self.model, train_loader, self.eval_loader)
+            self.model, self.train_loader, self.eval_loader = self.accelerator.prepare(model, train_loader, eval_loader)
         else:
             self.model, self.optimizer, self.train_loader, self.eval_loader = self.accelerator.prepare(
-                self.model, optimizer, train_loader, self.eval_loader
+                model, optimizer, train_loader, eval_loader
             )
         adaptive = self.method == "adarank"
         self.controller = RankController.from_config(ac, total_steps=self.total_steps) if adaptive else None
         self.importance = ImportanceTracker(ac.importance) if adaptive and ac.grow_top_k is not None else None
         self.adalora = self.raw_model.base_model if self.method == "adalora" else None
         self._update_ranks()
-        self.rank0 = self.rank_max
+        self._init_state()
+        if ckpt is not None:
+            self._restore_state(ckpt[0], ckpt[2])
 
     @property
     def raw_model(self) -> Any:
         return self.accelerator.unwrap_model(self.model)
+
+    # ------------------------------------------------------------------ training state
+    def _init_state(self) -> None:
+        """The state of a run at step 0 (what `_state` saves and `_restore_state` loads)."""
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.rank0 = self.rank_max
+        self.log, self.events, self.evals = [], [], []
+        self.pending: list[torch.Tensor] = []  # step losses not yet handed to the controller and the log
+        self.micro: list[torch.Tensor] = []    # micro-batch losses of the current step
+        self.trainable_sum = 0
+        self.eval_time = self.decision_time = self.checkpoint_time = self.elapsed = 0.0
+        self.nonfinite_steps = self.nonfinite_streak = self.skipped_since_log = 0
+        self.resumes: list[dict] = []
+        self.signal: int | None = None  # SIGINT/SIGTERM received by this process
+        self.stopping = False  # a signal reached some process: all stop after this step
+        self.last_checkpoint: str | None = None
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """The model part of a checkpoint: the trainable parameters at their current shapes, and the base
+        weights merge-strategy growth changed (exactly, not recomputed) with the merged updates."""
+        raw = self.raw_model
+        params = dict(raw.named_parameters())
+        out = {n: p for n, p in params.items() if p.requires_grad}
+        merged = getattr(raw, MERGED_DELTA_ATTR, None) or {}
+        for name, _ in lora_layers(raw):
+            if base_weight_name(name) in merged:
+                out[f"{name}.base_layer.weight"] = params[f"{name}.base_layer.weight"]
+        out.update({MERGED_PREFIX + k: v for k, v in merged.items()})
+        return out
+
+    def _optimizer_param_names(self) -> list[str]:
+        names = {id(p): n for n, p in self.raw_model.named_parameters()}
+        return [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _state(self, rng: list) -> dict[str, Any]:
+        acc, raw = self.accelerator, self.raw_model
+        state = {
+            "format": 1, "config": self.cfg.to_dict(), "num_processes": acc.num_processes,
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "accumulation_step": acc.step, "ranks": lora_ranks(raw), "rng": rng,
+            "optimizer": self.optimizer.state_dict(), "optimizer_params": self._optimizer_param_names(),
+            "scheduler": self.scheduler.state_dict(), "schedule_start": self.schedule_start,
+            "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+            "controller": self.controller.state_dict() if self.controller is not None else None,
+            "importance": {k: v.cpu() for k, v in self.importance.scores.items()} if self.importance else None,
+            "history": {
+                "rank0": self.rank0, "log": self.log, "events": self.events, "evals": self.evals,
+                "pending": torch.stack(self.pending).cpu() if self.pending else torch.zeros(0),
+                "trainable_sum": self.trainable_sum, "eval_time": self.eval_time, "decision_time": self.decision_time,
+                "checkpoint_time": self.checkpoint_time, "elapsed": self.elapsed + time.time() - self.started,
+                "nonfinite_steps": self.nonfinite_steps, "skipped_since_log": self.skipped_since_log,
+                "resumes": self.resumes,
+            },
+        }
+        if self.adalora is not None:
+            alloc = self.adalora.rankallocator
+            state["adalora"] = {
+                "rank_pattern": self.adalora.peft_config[self.adalora.trainable_adapter_name].rank_pattern,
+                **{k: {n: t.cpu() for n, t in getattr(alloc, k).items()} for k in ("ipt", "exp_avg_ipt", "exp_avg_unc")},
+            }
+        return state
+
+    def _read_resume_checkpoint(self) -> tuple[str, dict, dict]:
+        """The newest complete checkpoint, checked against this run's config before any model is loaded."""
+        path = latest_checkpoint(self.out)
+        tensors, state = read_checkpoint(path)
+        differ = [k for k in config_differences(_comparable(state["config"]), _comparable(self.cfg.to_dict()))
+                  if k not in RESUME_MAY_CHANGE]
+        if differ:
+            raise RunDirError(f"--resume: the config differs from the run's in {', '.join(differ)} (only "
+                              f"{', '.join(RESUME_MAY_CHANGE)} may change on resume); {path}")
+        if state["num_processes"] != self.accelerator.num_processes:
+            raise RunDirError(f"--resume: the run was trained in {state['num_processes']} process(es), this is "
+                              f"{self.accelerator.num_processes}; resume with --nproc-per-node {state['num_processes']}")
+        return path, tensors, state
+
+    def _restore_model(self, model: Any, path: str, tensors: dict, state: dict) -> None:
+        """Give the freshly built model the checkpoint's ranks, parameters and merged base weights."""
+        if state["ranks"]:
+            resize_lora(model, state["ranks"])
+        merged = {k[len(MERGED_PREFIX):]: v for k, v in tensors.items() if k.startswith(MERGED_PREFIX)}
+        if merged:
+            setattr(model, MERGED_DELTA_ATTR, merged)
+        if "adalora" in state:
+            model.peft_config[model.base_model.trainable_adapter_name].rank_pattern = state["adalora"]["rank_pattern"]
+        params = dict(model.named_parameters())
+        saved = {k: v for k, v in tensors.items() if not k.startswith(MERGED_PREFIX)}
+        missing = sorted(n for n, p in params.items() if p.requires_grad and n not in saved)
+        unknown = sorted(set(saved) - set(params))
+        if missing or unknown:
+            raise RunDirError(f"--resume: {path} does not fit the model (missing {missing[:3]}, "
+                              f"unknown {unknown[:3]})")
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
+
+    def _restore_state(self, path: str, state: dict) -> None:
+        acc = self.accelerator
+        if self._optimizer_param_names() != state["optimizer_params"]:
+            raise RunDirError(f"--resume: the optimizer of {path} holds other parameters than the model")
+        self.last_checkpoint = path
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"] is not None and acc.scaler is not None:
+            acc.scaler.load_state_dict(state["scaler"])
+        if self.controller is not None:
+            self.controller.load_state_dict(state["controller"])
+        if self.importance is not None:
+            self.importance.scores = {k: v.to(acc.device) for k, v in state["importance"].items()}
+        if self.adalora is not None:
+            for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+                setattr(self.adalora.rankallocator, key, {n: t.to(acc.device) for n, t in state["adalora"][key].items()})
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        acc.step = state["accumulation_step"]
+        h = state["history"]
+        self.rank0, self.log, self.events, self.evals = h["rank0"], h["log"], h["events"], h["evals"]
+        self.pending = [x.to(acc.device) for x in h["pending"].unbind()] if h["pending"].numel() else []
+        self.trainable_sum, self.eval_time, self.decision_time = h["trainable_sum"], h["eval_time"], h["decision_time"]
+        self.checkpoint_time, self.elapsed = h["checkpoint_time"], h["elapsed"]
+        self.nonfinite_steps, self.skipped_since_log = h["nonfinite_steps"], h["skipped_since_log"]
+        self.resumes = h["resumes"] + [{"step": self.step, "checkpoint": self.last_checkpoint}]
+        self._update_ranks()
+        set_rng_state(state["rng"][acc.process_index])  # last: nothing above may draw from it
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -146,92 +330,133 @@ class Run:
     def train(self) -> dict:
         from tqdm.auto import tqdm
 
-        cfg, tc, acc = self.cfg, self.cfg.train, self.accelerator
-        out = tc.output_dir
-        self.main = acc.is_main_process
-        if self.main:
-            os.makedirs(out, exist_ok=True)
-            write_yaml(os.path.join(out, "config.yaml"), cfg.to_dict())
-            self.log_w = JsonlWriter(os.path.join(out, "log.jsonl"))
-            self.ev_w = JsonlWriter(os.path.join(out, "rank_events.jsonl"))
-        self.log, self.events, evals = [], [], []
-        self.eval_time = self.decision_time = 0.0
-        start = time.time()
-        step, pending, micro, trainable_sum = 0, [], [], 0
-        self.bar = tqdm(total=self.total_steps, disable=not self.main, desc=self._desc())
+        self._open_outputs()
+        self.started = time.time()
+        self.bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.main, desc=self._desc())
         self.model.train()
-        done = self.total_steps == 0  # zero_shot: evaluate only
-        while not done:
-            for batch in self.train_loader:
-                batch.pop("class_label", None)
-                with acc.accumulate(self.model):
-                    loss = self.model(**batch).loss
-                    acc.backward(loss)
-                    micro.append(loss.detach())
-                    if not acc.sync_gradients:
-                        continue
-                    if self.importance is not None:
-                        self.importance.update(self.raw_model)
-                    if tc.max_grad_norm > 0:
-                        acc.clip_grad_norm_(self.model.parameters(), tc.max_grad_norm)
-                    self.optimizer.step()
-                    if not acc.optimizer_step_was_skipped:
-                        self.scheduler.step()
-                    if self.adalora is not None:  # after the step, before zero_grad (it reads the gradients)
-                        self.adalora.update_and_allocate(step)
-                    self.optimizer.zero_grad(set_to_none=True)
-                step += 1
-                pending.append(torch.stack(micro).float().mean())
-                micro = []
-                trainable_sum += self.trainable
-                self.bar.update(1)
-                last = step >= self.total_steps
-                decision_step = self.controller is not None and self.controller.is_decision_step(step)
-                if decision_step or step % tc.logging_steps == 0 or last:
-                    self._observe(step, pending)
-                    pending = []
-                if tc.eval_steps and step % tc.eval_steps == 0 and not last:
-                    evals.append(self._eval_record(step))
-                if last:
-                    done = True
-                    break
-            if not done or not evals or evals[-1]["step"] != step:  # every epoch's end, and the run's
-                evals.append(self._eval_record(step))
-        if not evals:  # zero_shot
-            evals.append(self._eval_record(step))
-        self.bar.close()
-        wall = time.time() - start
-        results = self._results(evals, self.events, trainable_sum / max(1, step), wall, step)
-        if self.main:
-            if tc.save_model:
-                self._save_model(os.path.join(out, "model"))
-            write_json(os.path.join(out, "results.json"), results)
-            if self.log:
-                what = f"{cfg.adarank.strategy}/{cfg.adarank.criterion}" if self.method == "adarank" else self.method
-                plot_training(self.log, self.events, evals, os.path.join(out, "training.png"),
-                              title=f"{cfg.data.task} · {cfg.model.name_or_path} · {what}")
-        acc.wait_for_everyone()
-        return results
+        previous = self._catch_signals()
+        try:
+            while self.step < self.total_steps:
+                self._train_epoch()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            self.bar.close()
+        if not self.evals or self.evals[-1]["step"] != self.step:  # the run's end (zero_shot: its only one)
+            self.evals.append(self._eval_record())
+        return self._finish()
 
-    def _observe(self, step: int, pending: list) -> None:
+    def _train_epoch(self) -> None:
+        """The rest of the current epoch, then its end-of-epoch evaluation."""
+        for batch in self._remaining_batches():
+            if self._micro_step(batch):
+                self._end_step()
+                if self.step >= self.total_steps:
+                    return
+        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        if not self.evals or self.evals[-1]["step"] != self.step:
+            self.evals.append(self._eval_record())
+
+    def _remaining_batches(self):
+        """This epoch's batches from the current position on (after a resume, the first are skipped)."""
+        loader = self.train_loader
+        loader.set_epoch(self.epoch)
+        self.sampler.set_epoch(self.epoch)
+        if self.batch_in_epoch:
+            loader = self.accelerator.skip_first_batches(loader, self.batch_in_epoch)
+        for batch in loader:
+            self.batch_in_epoch += 1
+            yield batch
+
+    def _micro_step(self, batch: dict) -> bool:
+        """Forward and backward of one micro-batch; at the end of an accumulation, the optimizer step.
+        Returns whether an optimizer step ended."""
+        acc = self.accelerator
+        batch.pop("class_label", None)
+        with acc.accumulate(self.model):
+            loss = self.model(**batch).loss
+            acc.backward(loss)
+            self.micro.append(loss.detach())
+            if not acc.sync_gradients:
+                return False
+            self._optimizer_step()
+        return True
+
+    def _optimizer_step(self) -> None:
+        """Clip and step -- or skip the step when its loss or gradient norm is not finite (on any process)."""
+        acc, tc = self.accelerator, self.cfg.train
+        loss = torch.stack(self.micro).float().mean()
+        self.micro = []
+        self.pending.append(loss)
+        # agreed by all processes here, acted on after this step: a signal arriving later waits for the next
+        bad, self.stopping = any_process(acc, not bool(torch.isfinite(loss)), self.signal is not None)
+        if not bad:
+            if self.importance is not None:  # before clipping
+                self.importance.update(self.raw_model)
+            if tc.max_grad_norm > 0:
+                norm = acc.clip_grad_norm_(self.model.parameters(), tc.max_grad_norm)
+                # under fp16 the GradScaler skips steps with inf gradients itself (and lowers its scale)
+                bad = acc.scaler is None and not bool(torch.isfinite(norm))
+        if bad:
+            self.nonfinite_steps += 1
+            self.nonfinite_streak += 1
+            self.skipped_since_log += 1
+        else:
+            self.nonfinite_streak = 0
+            self.optimizer.step()
+            if not acc.optimizer_step_was_skipped:
+                self.scheduler.step()
+            if self.adalora is not None:  # after the step, before zero_grad (it reads the gradients)
+                self.adalora.update_and_allocate(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _end_step(self) -> None:
+        """Everything after an optimizer step: observe, log, decide, evaluate, checkpoint, stop."""
+        tc = self.cfg.train
+        self.step += 1
+        failpoint("step", self.step)
+        self.trainable_sum += self.trainable
+        self.bar.update(1)
+        last = self.step >= self.total_steps
+        decision_step = self.controller is not None and self.controller.is_decision_step(self.step)
+        if decision_step or self.step % tc.logging_steps == 0 or last:
+            self._observe()
+        if tc.eval_steps and self.step % tc.eval_steps == 0 and not last:
+            self.evals.append(self._eval_record())
+        if self.nonfinite_streak >= tc.max_nonfinite_steps:
+            self._stop_nonfinite()
+        due = (tc.checkpoint_every and self.step % tc.checkpoint_every == 0) or last or self.stopping
+        if due and self.nonfinite_streak == 0:  # a step in a non-finite streak is not a good state to keep
+            self._checkpoint()
+        if self.stopping:
+            if self.main:
+                write_marker(self.out, status="interrupted", step=self.step)
+            raise Interrupted(self.signal or signal.SIGTERM, self.step, self.last_checkpoint)
+
+    def _observe(self) -> None:
         """Sync the pending step losses (averaged over processes), feed them to the controller, log, and
         carry out a decision. Only the last pending step can be a decision step."""
-        losses = self.accelerator.reduce(torch.stack(pending), "mean").tolist()
-        first = step - len(losses) + 1
+        losses = self.accelerator.reduce(torch.stack(self.pending), "mean").tolist()
+        self.pending = []
+        first = self.step - len(losses) + 1
         decision = None
         for i, value in enumerate(losses):
             if self.controller is not None:
                 decision = self.controller.observe(first + i, value)
         lr = self.scheduler.get_last_lr()[0]
-        rec = {"step": step, "epoch": round(step / self.updates_per_epoch, 4), "loss": sum(losses) / len(losses),
-               "lr": lr, "rank": self.rank_max, "rank_mean": self.rank_mean}  # the ranks these steps trained at
+        rec = {"step": self.step, "epoch": round(self.step / self.updates_per_epoch, 4),
+               "loss": sum(losses) / len(losses), "lr": lr,
+               "rank": self.rank_max, "rank_mean": self.rank_mean}  # the ranks these steps trained at
+        if self.skipped_since_log:
+            rec["skipped_nonfinite"] = self.skipped_since_log
+            self.skipped_since_log = 0
         self.log.append(rec)
         if self.main:
             self.log_w.write(rec)
         self.bar.set_postfix(loss=f"{rec['loss']:.4f}", rank=rec["rank"], lr=f"{lr:.2e}")
         if decision is not None and decision.action != "hold":
             self._apply(decision)
-        if self.importance is not None and self.controller.is_check_step(step):
+        if self.importance is not None and self.controller.is_check_step(self.step):
             self.importance.reset()  # importance is accumulated over one check window
 
     def _apply(self, decision: Any) -> None:
@@ -243,17 +468,97 @@ class Run:
             total_steps=self.total_steps, warmup_steps=self.warmup_steps, importance=self.importance,
             accelerator=self.accelerator,
         )
-        if self.accelerator.num_processes > 1:  # DDP registered the old parameters: wrap again
-            self.model = self.accelerator.prepare_model(raw)
+        self.schedule_start = decision.step
+        digests = agree(self.accelerator, raw, f"the rank change at step {decision.step}")
+        self.model = rewrap_model(self.accelerator, self.model, raw)  # DDP registered the old parameters
         self._update_ranks()
         seconds = time.perf_counter() - start  # surgery and optimizer/scheduler rebuild
         self.decision_time += seconds
         event = {**decision_record(decision), "to_rank": self.rank_max, "rank_mean": self.rank_mean,
-                 "seconds": seconds, **details}
+                 "seconds": seconds, "param_digests": digests, **details}
         self.events.append(event)
         if self.main:
             self.ev_w.write(event)
         self.bar.set_description(self._desc())
+
+    # ------------------------------------------------------------------ checkpoints, signals, faults
+    def _checkpoint(self) -> None:
+        from accelerate.utils import gather_object
+
+        start = time.perf_counter()
+        acc = self.accelerator
+        rng = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
+        if self.main:
+            self.last_checkpoint = write_checkpoint(self.out, self.step, self._tensors(), self._state(rng),
+                                                    self.cfg.train.keep_checkpoints)
+            write_marker(self.out, status="running", step=self.step)
+        acc.wait_for_everyone()
+        self.checkpoint_time += time.perf_counter() - start
+
+    def _catch_signals(self) -> dict:
+        """SIGINT/SIGTERM set a flag that the loop acts on after the current step; repeats are ignored."""
+
+        def stop(signum, _frame):
+            if self.signal is None:
+                self.signal = signum
+
+        try:
+            return {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread: signals stay as they are
+            return {}
+
+    def _stop_nonfinite(self) -> None:
+        tc = self.cfg.train
+        first = self.step - self.nonfinite_streak + 1
+        kept = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written"
+        message = (f"the loss became non-finite at step {first}: {self.nonfinite_streak} steps in a row skipped "
+                   f"(train.max_nonfinite_steps={tc.max_nonfinite_steps}); {kept}")
+        if self.pending:
+            self._observe()
+        if self.main:
+            results = self._results("nonfinite_loss")
+            results["error"] = message
+            write_json(os.path.join(self.out, "results.json"), results)
+            write_marker(self.out, status="nonfinite_loss", step=self.step)
+        self.accelerator.wait_for_everyone()
+        raise NonFiniteLoss(message, first, self.last_checkpoint)
+
+    # ------------------------------------------------------------------ outputs
+    def _open_outputs(self) -> None:
+        """Make the output directory this run's: new, overwritten (only run files removed) or resumed (the
+        logs rewritten from the checkpoint, so lines written after it by the stopped process go)."""
+        if self.main:
+            out = self.out
+            if self.out_mode == "overwrite":
+                clear_run(out)
+            os.makedirs(out, exist_ok=True)
+            clean_partial(out)
+            for stale in ("results.json", "training.png", "model"):  # a resumed run writes them again at its end
+                path = os.path.join(out, stale)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.unlink(path)
+            write_marker(out, status="running", step=self.step)
+            write_yaml(os.path.join(out, "config.yaml"), self.cfg.to_dict())
+            self.log_w = JsonlWriter(os.path.join(out, "log.jsonl"), self.log)
+            self.ev_w = JsonlWriter(os.path.join(out, "rank_events.jsonl"), self.events)
+        self.accelerator.wait_for_everyone()
+
+    def _finish(self) -> dict:
+        results = self._results("complete")
+        if self.main:
+            if self.cfg.train.save_model:
+                self._save_model(os.path.join(self.out, "model"))
+            write_json(os.path.join(self.out, "results.json"), results)
+            if self.log:
+                cfg = self.cfg
+                what = f"{cfg.adarank.strategy}/{cfg.adarank.criterion}" if self.method == "adarank" else self.method
+                plot_training(self.log, self.events, self.evals, os.path.join(self.out, "training.png"),
+                              title=f"{cfg.data.task} · {cfg.model.name_or_path} · {what}")
+            write_marker(self.out, status="complete", step=self.step)
+        self.accelerator.wait_for_everyone()
+        return results
 
     def _update_ranks(self) -> None:
         _, self.rank_max, self.rank_mean = rank_summary(self.raw_model)
@@ -263,27 +568,33 @@ class Run:
         return f"{self.cfg.data.task} r={self.rank_max}" + (f" (mean {self.rank_mean:.1f})" if self.rank_mean != self.rank_max else "")
 
     def _save_model(self, out_dir: str) -> None:
+        """Write into a temporary sibling, then rename: a model/ directory is always complete."""
+        tmp = os.path.join(os.path.dirname(out_dir), ".tmp-" + os.path.basename(out_dir))
+        shutil.rmtree(tmp, ignore_errors=True)
         if self.method in ("head", "full", "zero_shot"):  # a plain transformers model
-            self.raw_model.save_pretrained(out_dir)
-            self.tokenizer.save_pretrained(out_dir)
+            self.raw_model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
         else:
-            save_run_model(self.raw_model, self.tokenizer, out_dir, self.cfg.model.name_or_path, self.seq2seq,
+            save_run_model(self.raw_model, self.tokenizer, tmp, self.cfg.model.name_or_path, self.seq2seq,
                            self.task.num_labels)
+        os.rename(tmp, out_dir)
 
-    def _eval_record(self, step: int) -> dict:
+    def _eval_record(self) -> dict:
         start = time.perf_counter()
         m = self.evaluate()
         self.eval_time += time.perf_counter() - start
-        rec = {"step": step, "epoch": round(step / self.updates_per_epoch, 4), "rank": self.rank_max,
+        rec = {"step": self.step, "epoch": round(self.step / self.updates_per_epoch, 4), "rank": self.rank_max,
                "rank_mean": self.rank_mean, **m}
-        self.accelerator.print(f"eval step {step}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
+        self.accelerator.print(f"eval step {self.step}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
         return rec
 
-    def _results(self, evals: list, events: list, trainable_avg: float, wall: float, steps: int) -> dict:
-        cfg = self.cfg
+    def _results(self, status: str) -> dict:
+        cfg, steps = self.cfg, self.step
         ranks, rank_max, rank_mean = rank_summary(self.raw_model)
-        train_time = wall - self.eval_time - self.decision_time
+        wall = self.elapsed + time.time() - self.started
+        train_time = wall - self.eval_time - self.decision_time - self.checkpoint_time
         return {
+            "status": status,
             "task": cfg.data.task,
             "model": cfg.model.name_or_path,
             "model_path": self.model_path,
@@ -292,22 +603,25 @@ class Run:
             "criterion": cfg.adarank.criterion,
             "growth_enabled": cfg.adarank.growth_enabled,
             "seed": cfg.train.seed,
-            "final": {k: v for k, v in evals[-1].items() if k not in ("step", "epoch", "rank")},
-            "evals": evals,
-            "rank_events": events,
-            "rank_schedule": [self.rank0] + [e["to_rank"] for e in events if e["action"] == "grow"],
-            "growth_events": sum(e["action"] == "grow" for e in events),
-            "pruned": any(e["action"] == "prune" for e in events),
+            "final": {k: v for k, v in self.evals[-1].items() if k not in ("step", "epoch", "rank")} if self.evals else None,
+            "evals": self.evals,
+            "rank_events": self.events,
+            "rank_schedule": [self.rank0] + [e["to_rank"] for e in self.events if e["action"] == "grow"],
+            "growth_events": sum(e["action"] == "grow" for e in self.events),
+            "pruned": any(e["action"] == "prune" for e in self.events),
             "final_rank": rank_max,
             "final_rank_mean": rank_mean,
             "final_ranks": ranks,
             "trainable_params_final": self.trainable,
-            "trainable_params_avg": trainable_avg,
+            "trainable_params_avg": self.trainable_sum / max(1, steps),
             "steps": steps,
+            "nonfinite_steps": self.nonfinite_steps,
+            "resumes": self.resumes,
             "wall_time_s": wall,
-            "train_time_s": train_time,  # the loop without evaluation and rank decisions
+            "train_time_s": train_time,  # the loop without evaluation, rank decisions and checkpoints
             "eval_time_s": self.eval_time,
             "decision_time_s": self.decision_time,
+            "checkpoint_time_s": self.checkpoint_time,
             "step_time_s": train_time / steps if steps else None,
             "peak_rss_mb": peak_rss_mb(),
             "num_processes": self.accelerator.num_processes,
@@ -317,10 +631,11 @@ class Run:
         }
 
 
-def train(cfg: RunConfig, model: Any = None, tokenizer: Any = None) -> dict:
+def train(cfg: RunConfig, model: Any = None, tokenizer: Any = None, resume: bool = False, overwrite: bool = False) -> dict:
     """Train one run as `cfg` says and write its outputs into `cfg.train.output_dir`. A prebuilt base
-    `model` and `tokenizer` may be passed (tests use tiny ones)."""
-    return Run(cfg, model=model, tokenizer=tokenizer).train()
+    `model` and `tokenizer` may be passed (tests use tiny ones). `resume` continues the run there from its
+    newest checkpoint; `overwrite` replaces a run there."""
+    return Run(cfg, model=model, tokenizer=tokenizer, resume=resume, overwrite=overwrite).train()
 
 
-__all__ = ["Run", "train"]
+__all__ = ["Interrupted", "NonFiniteLoss", "Run", "train"]
