@@ -388,8 +388,7 @@ class Run:
         loss = torch.stack(self.micro).float().mean()
         self.micro = []
         self.pending.append(loss)
-        # agreed by all processes here, acted on after this step: a signal arriving later waits for the next
-        bad, self.stopping = any_process(acc, not bool(torch.isfinite(loss)), self.signal is not None)
+        bad, = any_process(acc, not bool(torch.isfinite(loss)))  # every process skips, or none
         if not bad:
             if self.importance is not None:  # before clipping
                 self.importance.update(self.raw_model)
@@ -408,6 +407,7 @@ class Run:
                 self.scheduler.step()
             if self.adalora is not None:  # after the step, before zero_grad (it reads the gradients)
                 self.adalora.update_and_allocate(self.step)
+                self._update_ranks()  # its budget allocator may have masked singular values
         self.optimizer.zero_grad(set_to_none=True)
 
     def _end_step(self) -> None:
@@ -425,6 +425,7 @@ class Run:
             self.evals.append(self._eval_record())
         if self.nonfinite_streak >= tc.max_nonfinite_steps:
             self._stop_nonfinite()
+        self.stopping, = any_process(self.accelerator, self.signal is not None)  # all processes stop, or none
         due = (tc.checkpoint_every and self.step % tc.checkpoint_every == 0) or last or self.stopping
         if due and self.nonfinite_streak == 0:  # a step in a non-finite streak is not a good state to keep
             self._checkpoint()

@@ -1,0 +1,123 @@
+"""Several processes on CPU (gloo): `adarank train --nproc-per-node 2` starts two connected processes that
+hold identical parameters after every rank change, write every log once, and resume exactly; re-wrapping
+after growth stacks nothing; unconnected, FSDP and DeepSpeed launches are refused with one line."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import saved, tiny_bert
+from test_resume import cli, outcome
+
+from adarank.cli import main
+from adarank.distributed import LaunchError, _free_port, check_processes
+from adarank.optim import install_optimizer
+from adarank.report import read_jsonl
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# forced growth at 4, 8, 12 and a prune at step 15 of 24; every process draws LoRA dropout
+CONFIG = """\
+model: {{name_or_path: '{base}', max_length: 48}}
+data: {{task: mrpc, data_dir: '{glue}'}}
+train: {{max_steps: 24, batch_size: 8, lr: 0.005, logging_steps: 2, eval_steps: 7, seed: 3, checkpoint_every: 5}}
+adarank: {{r0: 2, r_max: 8, alpha: 2, tol: 0.0, check_every: 4, warmup_steps: 4, criterion: threshold,
+          strategy: merge, lora_dropout: 0.1, prune: rank, prune_rank: 2, prune_at: 0.6}}
+"""
+
+
+@pytest.fixture
+def config_file(tmp_path, glue_dir, bert_tok):
+    base = saved(tiny_bert(vocab_size=len(bert_tok)), bert_tok, tmp_path / "base")
+    path = tmp_path / "run.yaml"
+    path.write_text(CONFIG.format(base=base, glue=glue_dir))
+    return str(path)
+
+
+def test_two_processes_agree_log_once_and_resume_exactly(tmp_path, config_file):
+    ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
+    done = cli(config_file, ref, [], "--nproc-per-node", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [line for line in done.stdout.splitlines() if line.startswith("done:")] == [
+        line for line in done.stdout.splitlines() if "(2 processes)" in line]
+    assert done.stdout.count("done:") == 1 and done.stdout.count("eval step 7:") == 1
+    results = json.load(open(os.path.join(ref, "results.json")))
+    assert results["num_processes"] == 2 and results["final"]["n"] == 32  # the validation set once, not twice
+    events = results["rank_events"]
+    assert [(e["action"], e["step"]) for e in events] == [("grow", 4), ("grow", 8), ("grow", 12), ("prune", 15)]
+    for e in events:  # each process's digest of its trainable parameters right after the rank change
+        assert len(e["param_digests"]) == 2 and e["param_digests"][0] == e["param_digests"][1]
+    assert len({e["param_digests"][0] for e in events}) == 4
+    assert read_jsonl(os.path.join(ref, "rank_events.jsonl")) == json.loads(json.dumps(events))
+    logged = [r["step"] for r in read_jsonl(os.path.join(ref, "log.jsonl"))]
+    assert logged == sorted(set(logged)) and logged[-1] == 24
+
+    killed = cli(config_file, run, [], "--nproc-per-node", "2", env={"ADARANK_FAILPOINT": "step:13:1"})
+    assert killed.returncode != 0
+    assert killed.stderr.strip().splitlines()[-1] == ("adarank: process 1 of 2 was killed by SIGKILL; the run stopped "
+                                                      "there and continues from its last checkpoint with --resume")
+    assert "Traceback" not in killed.stderr
+    resumed = cli(config_file, run, [], "--nproc-per-node", "2", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert outcome(run) == outcome(ref)
+    assert json.load(open(os.path.join(run, "results.json")))["resumes"][0]["step"] == 10
+
+
+def spawn(nproc: int, argv: list[str], env: dict | None = None) -> list[subprocess.Popen]:
+    """`nproc` connected processes of `python ARGV`, with the environment torchrun gives its workers."""
+    port = _free_port()
+    return [subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, **(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                  "WORLD_SIZE": str(nproc), "RANK": str(r), "LOCAL_RANK": str(r)})
+            for r in range(nproc)]
+
+
+def test_rewrapping_after_growth_stacks_no_wrappers(tmp_path, config_file):
+    """bf16 autocast on CPU: Accelerate patches the model's forward once; growth must not patch it again."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    procs = spawn(2, [os.path.join(HERE, "dist_probe.py"), config_file, str(tmp_path / "out"), str(probe),
+                      "train.mixed_precision=bf16"])
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:]
+    ranks = [read_jsonl(str(probe / f"rank{r}.jsonl")) for r in (0, 1)]
+    assert [r["when"] for r in ranks[0]] == ["start", "grow@4", "grow@8", "grow@12", "prune@15"]
+    assert [r["digest"] for r in ranks[0]] == [r["digest"] for r in ranks[1]]
+    for rec in ranks[0] + ranks[1]:
+        assert rec["wrapper"] == "DistributedDataParallel" and rec["wraps_raw"]
+        assert rec["accelerator_models"] == 1 and rec["forward_wrappers"] == ranks[0][0]["forward_wrappers"] > 0
+
+
+def test_unconnected_and_sharded_launches_are_refused(monkeypatch, tmp_path, config_file, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(LaunchError, match=r"started 2 processes \(WORLD_SIZE=2\) but they are not connected"):
+        check_processes(SimpleNamespace(distributed_type="NO", num_processes=1))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(LaunchError, match="FSDP is not supported"):
+        check_processes(SimpleNamespace(distributed_type="FSDP", num_processes=1))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    out = tmp_path / "out"
+    assert main(["train", "--config", config_file, "--output-dir", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "adarank: error: DeepSpeed (ACCELERATE_USE_DEEPSPEED is set) is not supported: rank growth changes parameter "
+        "shapes, which DeepSpeed shards; run data-parallel instead (adarank train --nproc-per-node N)")
+    assert not out.exists()
+
+
+def test_the_grad_scaler_and_its_scale_survive_a_rank_change():
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    old_param = torch.nn.Parameter(torch.ones(2))
+    old = acc.prepare_optimizer(torch.optim.AdamW([old_param]))
+    acc.scaler.scale(torch.ones(()))  # the scaler starts lazily, at its first scaled loss
+    acc.scaler.update(2.0**9)  # the scale the run found so far
+    scaler = acc.scaler
+    new = install_optimizer(acc, old, torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))]))
+    assert acc.scaler is scaler and new.scaler is scaler and scaler.get_scale() == 2.0**9
+    assert old not in acc._optimizers and new in acc._optimizers
