@@ -17,6 +17,8 @@ import shutil
 import subprocess
 import sys
 
+from adarank.rundir import read_marker
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "docs", "results", "mrpc_minilm")
 TABLE = os.path.join(ROOT, "docs", "mrpc_minilm.md")
@@ -63,6 +65,8 @@ def run(name: str, out_root: str, extra: list[str]) -> None:
     overrides = overrides() if callable(overrides) else overrides
     out = os.path.join(out_root, name)
     cmd = [sys.executable, "-m", "adarank.cli", "train", "--config", config, "--output-dir", out]
+    if read_marker(out) is not None:  # this script's own earlier run: replace it
+        cmd.append("--overwrite")
     for item in overrides + extra:
         cmd += ["--set", item]
     print("+", " ".join(cmd), flush=True)

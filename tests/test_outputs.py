@@ -59,7 +59,7 @@ def test_a_finished_run_is_refused_and_overwrite_removes_only_run_files(tmp_path
     assert json.loads((out / "results.json").read_text())["status"] == "complete"
     capsys.readouterr()
     assert main(["export", str(out), str(tmp_path / "exp")]) == 2  # no model: nothing old is exported instead
-    assert "no AdaRank run here" in one_line(capsys)
+    assert one_line(capsys) == f"adarank: error: {out}: the run saved no model (train.save_model: false); nothing to export"
 
 
 def test_directories_that_are_not_runs_are_never_written_over(tmp_path, config, capsys):

@@ -8,7 +8,7 @@ optimizer rebuild that our loop uses.
 `attach` registers the callback and records the training loss of every micro-batch (by wrapping
 `trainer.compute_loss`); at each optimizer step's end the mean over the step's micro-batches, averaged
 over processes, goes to the controller. On growth the model is changed in place (so the Trainer keeps its
-model object); the Trainer's optimizer, LR scheduler and Accelerate's GradScaler are replaced.
+model object); the Trainer's optimizer and LR scheduler are replaced (Accelerate's GradScaler is kept).
 """
 
 from __future__ import annotations

@@ -198,7 +198,7 @@ class TrainConfig:
     mixed_precision: str = "auto"
     group_by_length: bool = True
     save_model: bool = True
-    checkpoint_every: int | None = 200
+    checkpoint_every: int | None = 100
     keep_checkpoints: int = 2
     max_nonfinite_steps: int = 10
 

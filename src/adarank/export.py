@@ -40,6 +40,8 @@ def _model_dir(run_dir: str) -> str:
     if marker is not None and marker.get("status") != "complete":
         raise FileNotFoundError(f"{run_dir}: the run has no model yet ({describe(marker)}); finish it with "
                                 "`adarank train ... --resume`, then export")
+    if marker is not None and not os.path.isdir(os.path.join(run_dir, "model")):
+        raise FileNotFoundError(f"{run_dir}: the run saved no model (train.save_model: false); nothing to export")
     raise FileNotFoundError(f"{run_dir}: no AdaRank run here (expected model/adarank_model.json; runs of method "
                             "head or full save a plain transformers model in model/: load it with from_pretrained)")
 
