@@ -66,6 +66,16 @@ def test_two_processes_agree_log_once_and_resume_exactly(tmp_path, config_file):
     assert outcome(run) == outcome(ref)
     assert json.load(open(os.path.join(run, "results.json")))["resumes"][0]["step"] == 10
 
+    # SIGINT to process 1 alone, at a step whose losses are not yet averaged over the processes (logged every
+    # 2 steps): both stop after it, each checkpoints its own unlogged losses, and the resume is exact
+    stopped_dir = str(tmp_path / "stopped")
+    stopped = cli(config_file, stopped_dir, [], "--nproc-per-node", "2", env={"ADARANK_FAILPOINT": "step:13:1:SIGINT"})
+    assert stopped.returncode == 130
+    line = stopped.stderr.strip().splitlines()[-1]
+    assert line.startswith("adarank: stopped by SIGINT after step 13;") and line.endswith("--nproc-per-node 2 --resume")
+    assert cli(config_file, stopped_dir, [], "--nproc-per-node", "2", "--resume").returncode == 0
+    assert outcome(stopped_dir) == outcome(ref)
+
 
 def spawn(nproc: int, argv: list[str], env: dict | None = None) -> list[subprocess.Popen]:
     """`nproc` connected processes of `python ARGV`, with the environment torchrun gives its workers."""

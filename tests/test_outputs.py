@@ -2,8 +2,12 @@
 and the input errors that used to end in tracebacks."""
 
 import json
+import math
 import os
 import shutil
+import socket
+import subprocess
+import sys
 
 import pytest
 from conftest import saved, tiny_bert
@@ -108,6 +112,13 @@ def test_export_never_deletes_what_it_did_not_write(tmp_path, config, capsys):
     assert main(["export", str(out), str(exp), "--max-rank", "1", "--overwrite"]) == 0
     assert json.loads((exp / "export_log.json").read_text())["r"] == 1 != first["r"]
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary directories left
+    (exp / "README.md").write_text("my model card")  # the user's edit of a file the export wrote
+    (exp / "notes.txt").write_text("mine")  # and a file of their own: --overwrite takes neither
+    capsys.readouterr()
+    assert main(["export", str(out), str(exp), "--overwrite"]) == 2
+    assert one_line(capsys) == (f"adarank: error: export target {exp} holds files the earlier export did not write or "
+                                "that were changed since (README.md, notes.txt); move them or choose a new directory")
+    assert (exp / "README.md").read_text() == "my model card" and (exp / "notes.txt").read_text() == "mine"
     assert snapshot(tmp_path / "runs") == before
 
 
@@ -190,3 +201,42 @@ def test_input_errors_are_one_line_before_anything_is_written(tmp_path, config, 
                                 "cannot be reached (ConnectionError: Name or service not known); set data.data_dir (or "
                                 "--data-dir) to a local copy in the HF glue layout <dir>/<task>/<split>.jsonl")
     assert not out.exists()
+
+
+def test_non_finite_gradients_with_a_finite_loss_never_reach_the_weights(tmp_path, config):
+    """No clipping (max_grad_norm 0), a finite loss, an inf gradient: the step is skipped all the same."""
+    import torch
+
+    from adarank import load_config
+    from adarank.train import NonFiniteLoss, Run
+
+    cfg = load_config(config, [f"train.output_dir={tmp_path / 'run'}", "train.max_grad_norm=0",
+                               "train.max_nonfinite_steps=3", "train.checkpoint_every=1"])
+    run = Run(cfg)
+    params = {n: p for n, p in run.raw_model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    hooked = next(p for n, p in params.items() if "lora_B" in n)
+    hooked.register_hook(lambda g: torch.full_like(g, float("inf")))
+    with pytest.raises(NonFiniteLoss, match="non-finite at step 1: 3 steps in a row skipped"):
+        run.train()
+    assert all(torch.equal(before[n], p) for n, p in params.items())
+    assert all(math.isfinite(r["loss"]) for r in run.log)  # the losses were finite throughout
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_run_in_progress_is_neither_resumed_nor_replaced(tmp_path, config, capsys):
+    out = tmp_path / "run"
+    assert run(config, out, "--max-steps", "4") == 0
+    marker = json.loads((out / "adarank_run.json").read_text())
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        marker.update(status="running", pid=alive.pid, host=socket.gethostname())
+        (out / "adarank_run.json").write_text(json.dumps(marker))
+        for flag in ("--overwrite", "--resume"):
+            assert run(config, out, flag) == 2
+            assert one_line(capsys) == (f"adarank: error: train.output_dir: a run is in progress in {out} (process "
+                                        f"{alive.pid} on this machine); stop it before you resume or replace it")
+    finally:
+        alive.kill()
+        alive.wait()
+    assert run(config, out, "--overwrite") == 0  # once it is gone

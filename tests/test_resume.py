@@ -33,7 +33,11 @@ SCENARIOS = {
                          "step:11::SIGINT", 130, 11),
     "prune_sigterm": (["adarank.strategy=expand", "adarank.prune=rank", "adarank.prune_rank=2", "adarank.prune_at=0.6"],
                       "step:17::SIGTERM", 143, 17),
-    "merge_grad_accum": (["adarank.strategy=merge", "train.grad_accum_steps=2"], "step:9", -signal.SIGKILL, 5),
+    # 3 micro-batches a step over 8 batches an epoch: every epoch ends in a step of 2 (the loader's end syncs)
+    "merge_grad_accum": (["adarank.strategy=merge", "train.grad_accum_steps=3"], "step:7", -signal.SIGKILL, 5),
+    # the checkpoint at step 8 is the epoch's last step, taken before that epoch's end-of-epoch evaluation
+    "expand_epoch_end": (["adarank.strategy=expand", "train.checkpoint_every=8", "train.eval_steps=null"], "step:11",
+                         -signal.SIGKILL, 8),
     "adalora": (["method.name=adalora", "adalora.init_r=4", "adalora.target_r=2", "adalora.delta_t=2"], "step:14",
                 -signal.SIGKILL, 10),
 }
@@ -84,8 +88,8 @@ def test_killed_or_stopped_run_resumes_bit_identical(tmp_path, config_file, name
     else:  # the process died where it stood: its log may hold lines past the checkpoint
         assert read_jsonl(os.path.join(run_dir, "log.jsonl"))[-1]["step"] > resumed_at or "checkpoint" in failpoint
     if "checkpoint" in failpoint:  # killed halfway through writing it: the half-written one is ignored
-        assert os.listdir(os.path.join(run_dir, "checkpoints")) == [".tmp-step-00000015", "step-00000005",
-                                                                    "step-00000010"]
+        assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == [".tmp-step-00000015", "step-00000005",
+                                                                            "step-00000010"]
 
     results = train(load_config(config_file, overrides + [f"train.output_dir={run_dir}"]), resume=True)
     assert results["resumes"] == [{"step": resumed_at, "checkpoint": os.path.join(run_dir, "checkpoints",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
 
 from .config import ConfigError, RunConfig, load_config
@@ -41,10 +42,13 @@ def _train(args: argparse.Namespace) -> int:
         _say(f"adarank: error: {exc}")
         return 1
     except Interrupted as stop:
-        again = [a for a in _without_nproc(args.argv) if a not in ("--overwrite", "--resume")] + ["--resume"]
+        again = [a for a in _without_nproc(args.argv) if a not in ("--overwrite", "--resume")]
         if world_size() > 1:
             again += ["--nproc-per-node", str(world_size())]
-        _say(f"adarank: {stop}; continue with: adarank {shlex.join(again)}")
+        if stop.checkpoint is None:  # stopped within a non-finite streak before any checkpoint
+            _say(f"adarank: {stop}; no checkpoint was written: start again with: adarank {shlex.join(again + ['--overwrite'])}")
+        else:
+            _say(f"adarank: {stop}; continue with: adarank {shlex.join(again + ['--resume'])}")
         return 128 + stop.signum
     final = results["final"]
     _say(
@@ -69,8 +73,14 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 
 def _say(line: str, err: bool = True) -> None:
-    """Print once: in several processes only the first (RANK 0) does; they would all print the same."""
-    if os.environ.get("RANK", "0") in ("", "0"):
+    """Print once: in several processes only the first (RANK 0) does; they would all print the same. A
+    worker of `--nproc-per-node` hands an error line to its launcher instead, which prints one for all."""
+    from .distributed import ERROR_FILE
+
+    if err and os.environ.get(ERROR_FILE):
+        with open(os.environ[ERROR_FILE], "w", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+    elif os.environ.get("RANK", "0") in ("", "0"):
         print(line, file=sys.stderr if err else sys.stdout, flush=True)
 
 
@@ -173,6 +183,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.jobs < 1:
             print("adarank: error: --jobs must be >= 1", file=sys.stderr)
             return 2
+    received = [signal.SIGINT]
+
+    def terminate(signum, _frame):  # SIGTERM before training starts (or after it ends): as Ctrl-C is
+        received[0] = signum
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread
+        previous = None
     try:
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError) as exc:  # bad input: config, data, model, paths
@@ -182,11 +202,14 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"adarank: error: {exc}")
         return 1
     except KeyboardInterrupt:
-        _say("adarank: interrupted")
-        return 130
+        _say(f"adarank: stopped by {signal.Signals(received[0]).name} before training began or after it ended")
+        return 128 + received[0]
     except RuntimeError as exc:
-        from .distributed import LAUNCHED, lost_peer
+        from .distributed import LAUNCHED, ProcessesDisagree, lost_peer
 
+        if isinstance(exc, ProcessesDisagree):
+            _say(f"adarank: error: {exc}")
+            return 1
         if not lost_peer(exc):
             raise
         if not os.environ.get(LAUNCHED):  # our launcher names the process that went; torchrun does not
@@ -194,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"({' '.join(str(exc).split())[:200]}); continue from the last checkpoint with --resume",
                   file=sys.stderr, flush=True)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

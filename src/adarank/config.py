@@ -310,9 +310,10 @@ class RunConfig:
 
 
 # Fields that may differ between a run and its resumption (`adarank train --resume`): they change neither
-# the data order nor any number the run computes.
+# the data order nor any number the run computes. (The run directory may have moved; mixed_precision may be
+# spelled differently as long as it resolves to what the run used, which resume checks.)
 RESUME_MAY_CHANGE = ("train.checkpoint_every", "train.keep_checkpoints", "train.max_nonfinite_steps",
-                     "train.save_model")
+                     "train.save_model", "train.output_dir", "train.mixed_precision")
 
 
 def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:

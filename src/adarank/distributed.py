@@ -3,8 +3,9 @@
 `adarank train --nproc-per-node N` calls `launch`, which starts N local processes of `adarank train` with
 the environment `torchrun` gives its workers (MASTER_ADDR/PORT, WORLD_SIZE, RANK, LOCAL_RANK), so that
 Accelerate connects them (gloo on CPU, NCCL on GPUs). We start them ourselves rather than through torchrun
-so that a failure ends in the worker's one-line error instead of torchrun's report, a Ctrl-C reaches every
-worker exactly once (each finishes its step, checkpoints and exits), and the workers die with the launcher.
+so that a failure ends in one line (a worker's error, or which worker was killed) instead of torchrun's
+report, a Ctrl-C reaches every worker exactly once (each finishes its step, checkpoints and exits), and the
+workers die with the launcher.
 
 Growth replaces LoRA parameters, which DistributedDataParallel registered when it wrapped the model, so the
 model is wrapped again after every rank change (`rewrap_model`) -- without Accelerate's `prepare_model`,
@@ -31,12 +32,17 @@ UNSUPPORTED_ENV = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "D
                    "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
 SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
 LAUNCHED = "ADARANK_LAUNCHED"  # set in the workers `launch` starts: the launcher reports a lost process
+ERROR_FILE = "ADARANK_ERROR_FILE"  # where such a worker writes its one-line error for the launcher to print
 PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
              "ProcessGroupNCCL", "Socket Timeout")
 
 
 class LaunchError(ValueError):
     """The processes were not started the way a run needs; the message says how to start them."""
+
+
+class ProcessesDisagree(RuntimeError):
+    """After a rank change the processes of a run hold different parameters."""
 
 
 def world_size() -> int:
@@ -75,12 +81,13 @@ def check_processes(accelerator: Any) -> None:
             f"`torchrun --nproc_per_node {world} -m adarank.cli train ...`")
 
 
-def any_process(accelerator: Any, *flags: bool) -> list[bool]:
-    """Each flag, true if it is true on any process (one all-reduce; none in a single process)."""
+def process_max(accelerator: Any, *values: int) -> list[int]:
+    """Each value's maximum over the processes (one all-reduce; none in a single process)."""
     if accelerator.num_processes == 1:
-        return [bool(f) for f in flags]
-    t = torch.tensor([float(f) for f in flags], device=accelerator.device)
-    return [bool(v > 0) for v in accelerator.reduce(t, "sum").tolist()]
+        return [int(v) for v in values]
+    t = torch.tensor([int(v) for v in values], dtype=torch.int64, device=accelerator.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return [int(v) for v in t.tolist()]
 
 
 def params_digest(model: nn.Module) -> str:
@@ -102,7 +109,8 @@ def agree(accelerator: Any, model: nn.Module, what: str) -> list[str]:
 
     digests = gather_object([digest])
     if len(set(digests)) > 1:
-        raise RuntimeError(f"the processes hold different trainable parameters after {what}: {digests}")
+        raise ProcessesDisagree(f"the processes hold different trainable parameters after {what} (digests {digests}); "
+                                "the run stopped")
     return digests
 
 
@@ -142,54 +150,79 @@ def _die_with_parent() -> None:  # runs in the child before exec (Linux): SIGKIL
 
 
 def launch(nproc: int, argv: list[str], grace_s: float = 10.0) -> int:
-    """Run `python -m adarank.cli ARGV` in `nproc` connected local processes and wait for them. Returns
-    rank 0's exit code, or the first non-zero one. When a process fails, the others get `grace_s` seconds
-    to end on their own (they fail alike on bad input), then are killed. SIGINT/SIGTERM are passed on."""
+    """Run `python -m adarank.cli ARGV` in `nproc` connected local processes and wait for them. When a
+    process fails, the others get `grace_s` seconds to end on their own (on bad input they fail alike),
+    then are killed. The workers hand their one-line errors to the launcher, which prints one: that of the
+    lowest process rank that had one, or else names the process that was killed from outside. Returns that
+    process's exit code (0 when all succeed). SIGINT/SIGTERM are passed on to the workers."""
+    import tempfile
+
     if nproc < 1:
         raise LaunchError(f"--nproc-per-node must be >= 1, got {nproc}")
     if torch.cuda.is_available() and nproc > torch.cuda.device_count():
         raise LaunchError(f"--nproc-per-node {nproc}: this machine has {torch.cuda.device_count()} GPU(s)")
     port = _free_port()
-    procs = []
-    for rank in range(nproc):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(nproc),
-                   RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0",
-                   **{LAUNCHED: "1"})
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-        if rank:
-            env.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        kwargs = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
-        procs.append(subprocess.Popen([sys.executable, "-m", "adarank.cli", *argv], env=env, **kwargs))
+    with tempfile.TemporaryDirectory(prefix="adarank-launch-") as errors:
+        procs = []
+        for rank in range(nproc):
+            env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(nproc),
+                       RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0",
+                       **{LAUNCHED: "1", ERROR_FILE: os.path.join(errors, f"rank{rank}.txt")})
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+            if rank:
+                env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+            kwargs = {"preexec_fn": _die_with_parent} if sys.platform.startswith("linux") else {}
+            # a session of their own: a terminal's Ctrl-C reaches the launcher alone, which passes it on once
+            procs.append(subprocess.Popen([sys.executable, "-m", "adarank.cli", *argv], env=env,
+                                          start_new_session=True, **kwargs))
+        codes, ours = _wait(procs, grace_s)
+        said = {}
+        for rank in range(nproc):
+            path = os.path.join(errors, f"rank{rank}.txt")
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as fh:
+                    said[rank] = fh.read().strip()
+    codes = [128 - c if c < 0 else c for c in codes]  # killed by signal N: 128 + N, as a shell reports it
+    spoke = [r for r in sorted(said) if said[r] and codes[r]]
+    killed = [r for r, c in enumerate(codes) if c > 128 and r not in said and r not in ours]
+    if spoke:
+        rank = spoke[0]
+        line = said[rank] if rank == 0 else said[rank].replace("adarank: ", f"adarank: process {rank} of {nproc}: ", 1)
+        print(line, file=sys.stderr, flush=True)
+        return codes[rank]
+    if killed:
+        rank = killed[0]
+        print(f"adarank: process {rank} of {nproc} was killed by {signal.Signals(codes[rank] - 128).name}; the run "
+              "stopped there and continues from its last checkpoint with --resume", file=sys.stderr, flush=True)
+        return codes[rank]
+    return next((c for c in codes if c), 0)
 
-    def forward(signum, _frame):  # a terminal's Ctrl-C reaches the workers too: they act on it once
+
+def _wait(procs: list[subprocess.Popen], grace_s: float) -> tuple[list[int], set[int]]:
+    """Wait for every worker, passing SIGINT/SIGTERM on; once one fails, kill the rest after `grace_s`.
+    Returns the exit codes and the ranks this function killed."""
+
+    def forward(signum, _frame):
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    first = None  # (rank, exit code) of the first process seen failing: the cause, the others follow it
+    failed_at, ours = None, set()
     try:
         while any(p.poll() is None for p in procs):
-            if first is None:
-                failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode not in (None, 0)]
-                if failed:  # a process killed by a signal makes its peers fail: it is the cause
-                    first, failed_at = min(failed, key=lambda f: (f[1] > 0, f[0])), time.monotonic()
-            if first is not None and time.monotonic() - failed_at > grace_s:
-                for p in procs:
+            if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
+                failed_at = time.monotonic()
+            if failed_at is not None and time.monotonic() - failed_at > grace_s:
+                for rank, p in enumerate(procs):
                     if p.poll() is None:
                         p.kill()
+                        ours.add(rank)
             time.sleep(0.1)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    codes = [p.wait() for p in procs]
-    if first is None and any(codes):
-        first = min(((r, c) for r, c in enumerate(codes) if c), key=lambda f: (f[1] > 0, f[0]))
-    if first is not None and first[1] < 0:  # it could not say why itself
-        print(f"adarank: process {first[0]} of {nproc} was killed by {signal.Signals(-first[1]).name}; the run stopped "
-              "there and continues from its last checkpoint with --resume", file=sys.stderr, flush=True)
-    codes = [128 - c if c < 0 else c for c in codes]  # killed by signal N: 128 + N, as a shell reports it
-    return codes[0] or next((c for c in codes if c), 0)
+    return [p.wait() for p in procs], ours
 
 
 def lost_peer(exc: BaseException) -> bool:
@@ -198,5 +231,5 @@ def lost_peer(exc: BaseException) -> bool:
     return world_size() > 1 and any(s in text for s in PEER_LOST)
 
 
-__all__ = ["LaunchError", "agree", "any_process", "check_launch_env", "check_processes", "launch", "lost_peer",
+__all__ = ["LaunchError", "ProcessesDisagree", "agree", "process_max", "check_launch_env", "check_processes", "launch", "lost_peer",
            "params_digest", "rewrap_model", "use_cpu", "world_size"]

@@ -62,6 +62,18 @@ def _check_target(run_dir: str, out_dir: str, overwrite: bool) -> None:
         if not os.path.isfile(os.path.join(out_dir, EXPORT_LOG)):
             raise ValueError(f"export target {out_dir} holds no earlier export ({EXPORT_LOG}); --overwrite replaces only "
                              "an export, so choose a new directory")
+        try:
+            with open(os.path.join(out_dir, EXPORT_LOG), encoding="utf-8") as fh:
+                wrote = json.load(fh)["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ValueError(f"export target {out_dir}: its {EXPORT_LOG} does not list the files that export wrote; "
+                             "remove the directory yourself or choose a new one") from None
+        now = _files(out_dir)
+        changed = sorted(f for f in now if f != EXPORT_LOG and now[f] != wrote.get(f))
+        if changed:
+            raise ValueError(f"export target {out_dir} holds files the earlier export did not write or that were changed "
+                             f"since ({', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''}); move them or "
+                             "choose a new directory")
 
 
 def _install(tmp: str, out_dir: str) -> None:
@@ -74,7 +86,7 @@ def _install(tmp: str, out_dir: str) -> None:
         os.rmdir(out_dir)
         os.replace(tmp, out_dir)
         return
-    old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)), prefix=".old-export-")
+    old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)), prefix=f".old-{os.path.basename(os.path.abspath(out_dir))}-")
     os.rmdir(old)
     os.replace(out_dir, old)
     os.replace(tmp, out_dir)
@@ -114,9 +126,12 @@ def export_adapter(run_dir: str, out_dir: str, max_rank: int | None = None, merg
     if not merged and not any(True for _ in lora_layers(run_model)):
         raise ValueError(f"{run_dir}: the run's adapter is not LoRA (PEFT AdaLoRA?); its model/adapter directory "
                          "already loads with PeftModel.from_pretrained, or export it with --merged")
-    parent = os.path.dirname(os.path.abspath(out_dir))
+    parent, name = os.path.split(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(os.path.abspath(out_dir))}-")
+    for stale in os.listdir(parent):  # left by an export of this target that was killed while writing
+        if stale.startswith(f".tmp-{name}-") and os.path.isdir(os.path.join(parent, stale)):
+            shutil.rmtree(os.path.join(parent, stale))
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{name}-")
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the export's mode
@@ -144,8 +159,20 @@ def _write_export(run_model: Any, tokenizer: Any, model_dir: str, meta: dict, tm
         exported = PeftModel.from_pretrained(load_base_model(resolve_model_path(meta["base_model"]), meta["num_labels"])[0], tmp)
     tokenizer.save_pretrained(tmp)
     log["max_abs_logit_diff"] = _compare(run_model, exported, meta["seq2seq"], len(tokenizer))
+    log["files"] = _files(tmp)  # what --overwrite may replace later, as long as it is unchanged
     write_json(os.path.join(tmp, EXPORT_LOG), log)
     return log
+
+
+def _files(root: str) -> dict[str, list[int]]:
+    """Every file under `root` (relative path) -> [size, modification time in ns]: what tells that a file
+    is still the one an export wrote (renaming the directory keeps both)."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            st = os.stat(os.path.join(d, f))
+            out[os.path.relpath(os.path.join(d, f), root)] = [st.st_size, st.st_mtime_ns]
+    return out
 
 
 def _build_adapter(run_model: Any, meta: dict, max_rank: int | None) -> tuple[Any, dict]:

@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import shutil
+import socket
 import tempfile
 
 MARKER = "adarank_run.json"
@@ -47,6 +48,27 @@ def write_marker(path: str, **fields) -> None:
     write_json(os.path.join(path, MARKER), data)
 
 
+def mark_running(path: str, step: int) -> None:
+    """The marker of a run in progress: its step, and which process on which machine trains it."""
+    write_marker(path, status="running", step=step, pid=os.getpid(), host=socket.gethostname())
+
+
+def live_owner(marker: dict) -> int | None:
+    """The process id training the run now, when the marker says it runs here and that process lives."""
+    pid = marker.get("pid")
+    if marker.get("status") != "running" or marker.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return None
+    if pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, another user's
+        return pid
+    return pid
+
+
 def describe(marker: dict) -> str:
     status = marker.get("status", "unknown")
     step = marker.get("step")
@@ -65,11 +87,16 @@ def check_output_dir(path: str, resume: bool = False, overwrite: bool = False) -
         ours = [f for f in RUN_FILES if os.path.exists(os.path.join(path, f))]
         if ours:
             raise RunDirError(f"train.output_dir: {path} holds {', '.join(ours)} but no {MARKER}, so it is not an "
-                              "AdaRank run and nothing in it is replaced; choose another directory")
+                              "AdaRank run (or one from a version before run markers) and nothing in it is replaced; "
+                              "choose another directory")
         if resume:
             raise RunDirError(f"--resume: {path} holds no AdaRank run to continue")
         probe_writable(path)
         return "new"
+    owner = live_owner(marker)
+    if owner is not None:
+        raise RunDirError(f"train.output_dir: a run is in progress in {path} (process {owner} on this machine); stop it "
+                          "before you resume or replace it")
     if resume:
         from .checkpoint import latest_checkpoint
 

@@ -29,14 +29,14 @@ from .checkpoint import clean_partial, failpoint, latest_checkpoint, read_checkp
 from .config import RESUME_MAY_CHANGE, RunConfig, config_differences
 from .controller import RankController, decision_record
 from .data import LengthGroupedBatchSampler, load_split, make_collator, tokenize
-from .distributed import agree, any_process, check_launch_env, check_processes, rewrap_model, use_cpu
+from .distributed import agree, check_launch_env, check_processes, process_max, rewrap_model, use_cpu
 from .importance import ImportanceTracker
 from .metrics import classification_metrics, decode_label
 from .modeling import (check_max_length, check_tokenizer, load_base_model, load_model_config, load_tokenizer, prepare_model,
                        resolve_model_path, save_run_model)
 from .optim import apply_decision, build_optimizer, build_scheduler
 from .report import JsonlWriter, package_versions, plot_training, write_json, write_yaml
-from .rundir import RunDirError, check_output_dir, clear_run, write_marker
+from .rundir import RunDirError, check_output_dir, clear_run, mark_running, write_marker
 from .surgery import MERGED_DELTA_ATTR, base_weight_name, count_trainable, lora_layers, lora_ranks, rank_summary, resize_lora
 from .tasks import get_task
 
@@ -83,7 +83,7 @@ def _comparable(cfg: dict) -> dict:
     """A config mapping with paths that exist written as real paths, so a relative and an absolute spelling
     of the same directory compare equal."""
     out = {section: dict(values) for section, values in cfg.items()}
-    for section, key in (("model", "name_or_path"), ("data", "data_dir"), ("train", "output_dir")):
+    for section, key in (("model", "name_or_path"), ("data", "data_dir")):
         value = out.get(section, {}).get(key)
         if isinstance(value, str) and os.path.exists(value):
             out[section][key] = os.path.realpath(value)
@@ -184,7 +184,6 @@ class Run:
         self.nonfinite_steps = self.nonfinite_streak = self.skipped_since_log = 0
         self.resumes: list[dict] = []
         self.signal: int | None = None  # SIGINT/SIGTERM received by this process
-        self.stopping = False  # a signal reached some process: all stop after this step
         self.last_checkpoint: str | None = None
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -204,12 +203,18 @@ class Run:
         names = {id(p): n for n, p in self.raw_model.named_parameters()}
         return [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
 
-    def _state(self, rng: list) -> dict[str, Any]:
+    def _own_state(self) -> dict[str, Any]:
+        """What differs between processes: RNG states, and the step losses not yet averaged over them."""
+        return {"rng": rng_state(), "pending": torch.stack(self.pending).cpu() if self.pending else torch.zeros(0)}
+
+    def _state(self, processes: list[dict]) -> dict[str, Any]:
+        """The checkpoint's training state; `processes`: every process's `_own_state()`, by process index."""
         acc, raw = self.accelerator, self.raw_model
         state = {
             "format": 1, "config": self.cfg.to_dict(), "num_processes": acc.num_processes,
+            "mixed_precision": acc.mixed_precision, "processes": processes,
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "accumulation_step": acc.step, "ranks": lora_ranks(raw), "rng": rng,
+            "accumulation_step": acc.step, "ranks": lora_ranks(raw),
             "optimizer": self.optimizer.state_dict(), "optimizer_params": self._optimizer_param_names(),
             "scheduler": self.scheduler.state_dict(), "schedule_start": self.schedule_start,
             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
@@ -217,7 +222,6 @@ class Run:
             "importance": {k: v.cpu() for k, v in self.importance.scores.items()} if self.importance else None,
             "history": {
                 "rank0": self.rank0, "log": self.log, "events": self.events, "evals": self.evals,
-                "pending": torch.stack(self.pending).cpu() if self.pending else torch.zeros(0),
                 "trainable_sum": self.trainable_sum, "eval_time": self.eval_time, "decision_time": self.decision_time,
                 "checkpoint_time": self.checkpoint_time, "elapsed": self.elapsed + time.time() - self.started,
                 "nonfinite_steps": self.nonfinite_steps, "skipped_since_log": self.skipped_since_log,
@@ -244,6 +248,10 @@ class Run:
         if state["num_processes"] != self.accelerator.num_processes:
             raise RunDirError(f"--resume: the run was trained in {state['num_processes']} process(es), this is "
                               f"{self.accelerator.num_processes}; resume with --nproc-per-node {state['num_processes']}")
+        if state["mixed_precision"] != self.accelerator.mixed_precision:
+            raise RunDirError(f"--resume: the run trained with mixed precision {state['mixed_precision']!r}, here it "
+                              f"would be {self.accelerator.mixed_precision!r}; resume it where it ran, or set "
+                              f"train.mixed_precision={state['mixed_precision']}")
         return path, tensors, state
 
     def _restore_model(self, model: Any, path: str, tensors: dict, state: dict) -> None:
@@ -286,13 +294,14 @@ class Run:
         acc.step = state["accumulation_step"]
         h = state["history"]
         self.rank0, self.log, self.events, self.evals = h["rank0"], h["log"], h["events"], h["evals"]
-        self.pending = [x.to(acc.device) for x in h["pending"].unbind()] if h["pending"].numel() else []
         self.trainable_sum, self.eval_time, self.decision_time = h["trainable_sum"], h["eval_time"], h["decision_time"]
         self.checkpoint_time, self.elapsed = h["checkpoint_time"], h["elapsed"]
         self.nonfinite_steps, self.skipped_since_log = h["nonfinite_steps"], h["skipped_since_log"]
         self.resumes = h["resumes"] + [{"step": self.step, "checkpoint": self.last_checkpoint}]
         self._update_ranks()
-        set_rng_state(state["rng"][acc.process_index])  # last: nothing above may draw from it
+        own = state["processes"][acc.process_index]
+        self.pending = [x.to(acc.device) for x in own["pending"].unbind()]
+        set_rng_state(own["rng"])  # last: nothing above may draw from it
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -330,21 +339,25 @@ class Run:
     def train(self) -> dict:
         from tqdm.auto import tqdm
 
-        self._open_outputs()
-        self.started = time.time()
-        self.bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.main, desc=self._desc())
-        self.model.train()
+        # from here on SIGINT/SIGTERM stop the run after a step; one that comes after the last step's checkpoint
+        # lets the final evaluation and save finish (the run is complete then)
         previous = self._catch_signals()
         try:
-            while self.step < self.total_steps:
-                self._train_epoch()
+            self._open_outputs()
+            self.started = time.time()
+            self.bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.main, desc=self._desc())
+            self.model.train()
+            try:
+                while self.step < self.total_steps:
+                    self._train_epoch()
+            finally:
+                self.bar.close()
+            if not self.evals or self.evals[-1]["step"] != self.step:  # the run's end (zero_shot: its only one)
+                self.evals.append(self._eval_record())
+            return self._finish()
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-            self.bar.close()
-        if not self.evals or self.evals[-1]["step"] != self.step:  # the run's end (zero_shot: its only one)
-            self.evals.append(self._eval_record())
-        return self._finish()
 
     def _train_epoch(self) -> None:
         """The rest of the current epoch, then its end-of-epoch evaluation."""
@@ -388,14 +401,19 @@ class Run:
         loss = torch.stack(self.micro).float().mean()
         self.micro = []
         self.pending.append(loss)
-        bad, = any_process(acc, not bool(torch.isfinite(loss)))  # every process skips, or none
+        bad = process_max(acc, not bool(torch.isfinite(loss)))[0] > 0  # every process skips, or none
         if not bad:
             if self.importance is not None:  # before clipping
                 self.importance.update(self.raw_model)
             if tc.max_grad_norm > 0:
                 norm = acc.clip_grad_norm_(self.model.parameters(), tc.max_grad_norm)
-                # under fp16 the GradScaler skips steps with inf gradients itself (and lowers its scale)
-                bad = acc.scaler is None and not bool(torch.isfinite(norm))
+            elif acc.scaler is None:
+                norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32) for p in self.model.parameters()
+                         if p.grad is not None]
+                norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+            # under fp16 the GradScaler skips steps with inf gradients itself (and lowers its scale); gradients
+            # are synced by now, so every process finds the same norm
+            bad = acc.scaler is None and not bool(torch.isfinite(norm))
         if bad:
             self.nonfinite_steps += 1
             self.nonfinite_streak += 1
@@ -425,14 +443,14 @@ class Run:
             self.evals.append(self._eval_record())
         if self.nonfinite_streak >= tc.max_nonfinite_steps:
             self._stop_nonfinite()
-        self.stopping, = any_process(self.accelerator, self.signal is not None)  # all processes stop, or none
-        due = (tc.checkpoint_every and self.step % tc.checkpoint_every == 0) or last or self.stopping
+        stop_signal = process_max(self.accelerator, self.signal or 0)[0]  # all processes stop, or none
+        due = (tc.checkpoint_every and self.step % tc.checkpoint_every == 0) or last or stop_signal
         if due and self.nonfinite_streak == 0:  # a step in a non-finite streak is not a good state to keep
             self._checkpoint()
-        if self.stopping:
+        if stop_signal:
             if self.main:
                 write_marker(self.out, status="interrupted", step=self.step)
-            raise Interrupted(self.signal or signal.SIGTERM, self.step, self.last_checkpoint)
+            raise Interrupted(stop_signal, self.step, self.last_checkpoint)
 
     def _observe(self) -> None:
         """Sync the pending step losses (averaged over processes), feed them to the controller, log, and
@@ -488,11 +506,12 @@ class Run:
 
         start = time.perf_counter()
         acc = self.accelerator
-        rng = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
+        own = self._own_state()
+        processes = gather_object([own]) if acc.num_processes > 1 else [own]
         if self.main:
-            self.last_checkpoint = write_checkpoint(self.out, self.step, self._tensors(), self._state(rng),
+            self.last_checkpoint = write_checkpoint(self.out, self.step, self._tensors(), self._state(processes),
                                                     self.cfg.train.keep_checkpoints)
-            write_marker(self.out, status="running", step=self.step)
+            mark_running(self.out, self.step)
         acc.wait_for_everyone()
         self.checkpoint_time += time.perf_counter() - start
 
@@ -540,7 +559,7 @@ class Run:
                     shutil.rmtree(path)
                 elif os.path.exists(path):
                     os.unlink(path)
-            write_marker(out, status="running", step=self.step)
+            mark_running(out, self.step)
             write_yaml(os.path.join(out, "config.yaml"), self.cfg.to_dict())
             self.log_w = JsonlWriter(os.path.join(out, "log.jsonl"), self.log)
             self.ev_w = JsonlWriter(os.path.join(out, "rank_events.jsonl"), self.events)
