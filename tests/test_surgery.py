@@ -5,7 +5,7 @@ from conftest import tiny_bert, tiny_t5
 
 from adarank import grow_lora, lora_ranks
 from adarank.modeling import apply_lora
-from adarank.optim import build_optimizer, grow_and_rebuild, snapshot_optimizer
+from adarank.optim import build_optimizer, grow_and_repoint, snapshot_optimizer
 from adarank.surgery import MERGED_DELTA_ATTR, lora_layers
 
 STRATEGIES = ["merge", "expand"]
@@ -123,7 +123,7 @@ def test_only_lora_and_head_train_and_new_factors_change_after_a_step(strategy):
     model(**x).loss.backward()
     opt.step()
     opt.zero_grad()
-    opt, _ = grow_and_rebuild(model, opt, 8, strategy, seed=0, step=1, lr=1e-2, weight_decay=0.0, total_steps=10, warmup_steps=0)
+    grow_and_repoint(model, opt, 8, strategy, seed=0)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n or "classifier" in n for n in trainable)
     assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model.parameters() if p.requires_grad}
@@ -160,7 +160,7 @@ def test_expand_carries_optimizer_state_and_merge_starts_fresh():
         model(**bert_inputs(), labels=torch.tensor([0, 1, 1])).loss.backward()
         opt.step()
         snap = {n: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for n, (_, s) in snapshot_optimizer(model, opt).items()}
-        opt, _ = grow_and_rebuild(model, opt, 6, strategy, seed=0, step=1, lr=1e-2, weight_decay=0.0, total_steps=10, warmup_steps=0)
+        grow_and_repoint(model, opt, 6, strategy, seed=0)
         params = dict(model.named_parameters())
         a_name = next(n for n in params if "lora_A" in n)
         head = next(n for n in params if "classifier" in n and params[n].requires_grad)

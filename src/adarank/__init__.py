@@ -10,8 +10,8 @@ from .data import DataError
 from .metrics import classification_metrics, decode_label
 from .modeling import ModelError, check_tokenizer, load_run_model
 from .importance import ImportanceTracker
-from .optim import apply_decision, build_optimizer, build_scheduler, grow_and_rebuild, rebuild_after_growth
-from .surgery import grow_lora, lora_ranks, prune_lora
+from .optim import apply_decision, build_optimizer, build_scheduler, grow_and_repoint, repoint_optimizer
+from .surgery import allocate_masked, grow_lora, lora_ranks, prune_lora
 from .tasks import TASKS, TaskSpec, get_task
 
 __version__ = "0.1.0"
@@ -38,6 +38,6 @@ __all__ = [
     "ImportanceTracker", "apply_decision", "export_adapter", "prune_lora",
     "ModelConfig", "ModelError", "RankController", "RunConfig", "TASKS", "TaskSpec", "TrainConfig",
     "build_optimizer", "build_scheduler", "check_tokenizer", "classification_metrics", "decode_label",
-    "get_task", "grow_and_rebuild", "grow_lora", "load_config", "load_run_model", "lora_ranks",
-    "rebuild_after_growth", "train",
+    "get_task", "grow_and_repoint", "grow_lora", "load_config", "load_run_model", "lora_ranks",
+    "repoint_optimizer", "allocate_masked", "train",
 ]

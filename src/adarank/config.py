@@ -16,7 +16,10 @@ from typing import Any
 import yaml
 
 CRITERIA = ("plateau", "threshold")
-STRATEGIES = ("merge", "expand")
+STRATEGIES = ("merge", "expand", "masked")  # surgery.STRATEGIES holds their objects
+# transformers schedules our loop can use (SchedulerType values that take only the step)
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
 PRUNE_METHODS = ("none", "rank", "energy", "budget")
 IMPORTANCE = ("grad_norm", "sensitivity")
 METHODS = ("adarank", "lora", "adalora", "head", "full", "zero_shot")
@@ -41,7 +44,9 @@ class AdaRankConfig:
         window, (prev - cur) / |prev|, is below `tol`; "threshold" - the original notebook's rule taken
         literally: grow when the windowed mean loss is above `tol`.
     strategy: "merge" - fold B·A·scaling into the base weight and start a fresh adapter at the new rank
-        (A random, B zero); "expand" - append rows to A (random) and columns to B (zero) in place.
+        (A random, B zero); "expand" - append rows to A (random) and columns to B (zero) in place;
+        "masked" - A and B allocated at r_max, the rows beyond the active rank zero: growth writes random
+        rows of A and no tensor changes shape (for DDP in the HF Trainer, at the memory of r_max).
     lora_alpha_ratio: lora_alpha = ratio · r, so scaling = lora_alpha / r stays constant across growth.
     target_modules: module names to adapt; None = the default for the architecture (T5: q, v; BERT-like:
         query, value).
@@ -180,7 +185,9 @@ class TrainConfig:
     that supports it, else fp32), "no", "bf16" or "fp16" (with a GradScaler, kept across rank changes).
     checkpoint_every: write a checkpoint every N optimizer steps (None: only at the last step and when
     stopped by SIGINT/SIGTERM); keep_checkpoints: how many of the newest to keep. max_nonfinite_steps: stop
-    the run after this many consecutive steps with a non-finite loss (each is skipped, never applied)."""
+    the run after this many consecutive steps with a non-finite loss (each is skipped, never applied).
+    lr_scheduler: a transformers schedule over the whole run (warmup_ratio of it warming up), continued
+    across rank changes; lr_scheduler_kwargs: its extra arguments (e.g. {min_lr_rate: 0.1})."""
 
     output_dir: str = "out/run"
     seed: int = 42
@@ -201,6 +208,8 @@ class TrainConfig:
     checkpoint_every: int | None = 100
     keep_checkpoints: int = 2
     max_nonfinite_steps: int = 10
+    lr_scheduler: str = "linear"
+    lr_scheduler_kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_int(self, "seed", minimum=0, section="train")
@@ -208,6 +217,10 @@ class TrainConfig:
             _check_int(self, name, minimum=1, section="train")
         if self.checkpoint_every is not None:
             _check_int(self, "checkpoint_every", minimum=1, section="train")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ConfigError(f"train.lr_scheduler must be one of {list(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
+        if not isinstance(self.lr_scheduler_kwargs, dict):
+            raise ConfigError(f"train.lr_scheduler_kwargs must be a mapping, got {self.lr_scheduler_kwargs!r}")
         _check_number(self, "epochs", minimum=0.0, strict=True, section="train")
         for name in ("batch_size", "eval_batch_size", "grad_accum_steps", "logging_steps"):
             _check_int(self, name, minimum=1, section="train")

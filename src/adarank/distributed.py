@@ -175,7 +175,7 @@ def launch(nproc: int, argv: list[str], grace_s: float = 10.0) -> int:
             # a session of their own: a terminal's Ctrl-C reaches the launcher alone, which passes it on once
             procs.append(subprocess.Popen([sys.executable, "-m", "adarank.cli", *argv], env=env,
                                           start_new_session=True, **kwargs))
-        codes, ours = _wait(procs, grace_s)
+        codes, ours, ended = _wait(procs, grace_s)
         said = {}
         for rank in range(nproc):
             path = os.path.join(errors, f"rank{rank}.txt")
@@ -184,7 +184,9 @@ def launch(nproc: int, argv: list[str], grace_s: float = 10.0) -> int:
                     said[rank] = fh.read().strip()
     codes = [128 - c if c < 0 else c for c in codes]  # killed by signal N: 128 + N, as a shell reports it
     spoke = [r for r in sorted(said) if said[r] and codes[r]]
-    killed = [r for r, c in enumerate(codes) if c > 128 and r not in said and r not in ours]
+    # killed from outside, first to go first; a SIGABRT is how gloo/NCCL end a process whose peer went
+    killed = sorted((r for r, c in enumerate(codes) if c > 128 and r not in said and r not in ours),
+                    key=lambda r: (codes[r] == 128 + signal.SIGABRT, ended[r], r))
     if spoke:
         rank = spoke[0]
         line = said[rank] if rank == 0 else said[rank].replace("adarank: ", f"adarank: process {rank} of {nproc}: ", 1)
@@ -198,9 +200,9 @@ def launch(nproc: int, argv: list[str], grace_s: float = 10.0) -> int:
     return next((c for c in codes if c), 0)
 
 
-def _wait(procs: list[subprocess.Popen], grace_s: float) -> tuple[list[int], set[int]]:
+def _wait(procs: list[subprocess.Popen], grace_s: float) -> tuple[list[int], set[int], list[float]]:
     """Wait for every worker, passing SIGINT/SIGTERM on; once one fails, kill the rest after `grace_s`.
-    Returns the exit codes and the ranks this function killed."""
+    Returns the exit codes, the ranks this function killed, and when each process was seen ending."""
 
     def forward(signum, _frame):
         for p in procs:
@@ -208,9 +210,12 @@ def _wait(procs: list[subprocess.Popen], grace_s: float) -> tuple[list[int], set
                 p.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    failed_at, ours = None, set()
+    failed_at, ours, ended = None, set(), [float("inf")] * len(procs)
     try:
         while any(p.poll() is None for p in procs):
+            for rank, p in enumerate(procs):
+                if p.returncode is not None and ended[rank] == float("inf"):
+                    ended[rank] = time.monotonic()
             if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
                 failed_at = time.monotonic()
             if failed_at is not None and time.monotonic() - failed_at > grace_s:
@@ -218,11 +223,11 @@ def _wait(procs: list[subprocess.Popen], grace_s: float) -> tuple[list[int], set
                     if p.poll() is None:
                         p.kill()
                         ours.add(rank)
-            time.sleep(0.1)
+            time.sleep(0.02)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    return [p.wait() for p in procs], ours
+    return [p.wait() for p in procs], ours, ended
 
 
 def lost_peer(exc: BaseException) -> bool:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .surgery import MERGED_DELTA_ATTR
+from .surgery import MERGED_DELTA_ATTR, allocate_masked
 
 DEFAULT_TARGETS = {
     "t5": ["q", "v"], "mt5": ["q", "v"], "umt5": ["q", "v"],
@@ -183,7 +183,10 @@ def prepare_model(model: nn.Module, seq2seq: bool, cfg: Any, total_steps: int) -
     """The base model made ready for `cfg.method.name` (see `MethodConfig`)."""
     method, ac = cfg.method.name, cfg.adarank
     if method in ("adarank", "lora"):
-        return apply_lora(model, seq2seq, ac.r0, ac.lora_alpha_ratio * ac.r0, ac.target_modules, ac.lora_dropout)
+        model = apply_lora(model, seq2seq, ac.r0, ac.lora_alpha_ratio * ac.r0, ac.target_modules, ac.lora_dropout)
+        if method == "adarank" and ac.strategy == "masked":
+            allocate_masked(model, ac.r_max)
+        return model
     if method == "adalora":
         return apply_adalora(model, seq2seq, cfg.adalora, ac.lora_alpha_ratio, ac.target_modules, ac.lora_dropout,
                              total_steps)

@@ -1,40 +1,38 @@
-"""Optimizer and LR schedule, built at the start and rebuilt after every rank change (the fp16 GradScaler is kept).
+"""The optimizer and the LR schedule around rank changes.
 
-`apply_decision` (grow or prune, then rebuild) is what our loop and the Trainer callback both call. Surgery
-replaces LoRA Parameters, so the old optimizer would keep updating tensors the model no longer uses; a new
-AdamW is built over the current trainable parameters and the old state is carried as follows:
+`apply_decision` (grow or prune, then `repoint_optimizer`) is what our loop and the Trainer callback both call.
 
-- a parameter that surgery did not replace (the classification head, modules that per-layer growth left
-  alone): its AdamW state is kept;
-- `expand`: the grown A and B inherit the moments of their old entries (zero-padded for the new rows of A
-  and columns of B) and the step count, so old directions keep their adaptive step sizes while new ones
-  start from zero moments;
-- `merge`: the fresh adapter starts with empty state (as in the original notebook);
-- prune: the re-factored A and B start with empty state (their coordinates changed with the SVD).
+Surgery replaces LoRA Parameters (merge, expand, prune), so the optimizer would keep updating tensors the
+model no longer uses. Instead of building another optimizer, `repoint_optimizer` puts each new Parameter
+into the optimizer's own param groups in place of the one it replaces (matched by parameter name). The
+optimizer therefore keeps its class, hyperparameters and grouping -- our AdamW, whatever the Trainer built
+from `args.optim` (fused AdamW, Adafactor, 8-bit, ...), or an optimizer the user passed -- and everything
+that holds it stays valid: Accelerate's wrapper and GradScaler, the LR scheduler, the Trainer and its
+callback handler. The state of each parameter, as `grow_lora` says:
 
-LR schedule: one global schedule over the whole run (linear warmup, then linear decay to 0 at the last
-step). After a growth the new scheduler continues that global schedule at the current step, optionally
-ramping up from 0 over `rewarmup_steps` (as ReLoRA does after each reset).
+- KEPT (a parameter surgery did not replace, the head, the masked strategy's in-place growth): unchanged;
+- GROWN (`expand`): tensors of the parameter's old shape (Adam's moments) are zero-padded for the new rows
+  of A and columns of B, the step count is kept; state of any other shape (Adafactor's factored moments,
+  8-bit quantization maps) cannot be padded, so that parameter starts fresh;
+- FRESH (`merge`'s new adapter, and every LoRA factor after a prune, whose coordinates the SVD changed):
+  no state -- the optimizer initialises it at the next step, as for a new parameter.
+
+LR schedule: one scheduler for the whole run, never rebuilt, since the optimizer object stays. Our loop's
+is `train.lr_scheduler` (any transformers schedule, with `warmup_ratio` of the run warming up);
+`rewarmup_steps > 0` multiplies it by a linear ramp from 0 over that many steps after each rank change, as
+ReLoRA does after its resets.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from .surgery import FRESH, GROWN, KEPT, factor_names, grow_lora, lora_layers, lora_ranks, prune_lora
 
-def linear_schedule(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """LR factor at optimizer step s: s/warmup during warmup, then linear decay to 0 at total_steps
-    (the same curve as transformers' get_linear_schedule_with_warmup)."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return step / max(1, warmup_steps)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    return factor
+RESTART_ATTR = "adarank_restart"  # on our LambdaLR: the step of the last rank change (for the re-warmup ramp)
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
@@ -51,17 +49,42 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer,
     total_steps: int,
     warmup_steps: int,
-    start_step: int = 0,
+    name: str = "linear",
+    kwargs: dict | None = None,
     rewarmup_steps: int = 0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """The global schedule, continued from `start_step`, with an optional re-warmup from there."""
-    base = linear_schedule(total_steps, warmup_steps)
+    """transformers' schedule `name` over the whole run; with `rewarmup_steps`, a linear ramp from 0 back to
+    it over that many steps after each `restart_schedule`."""
+    from transformers import get_scheduler
 
-    def factor(local_step: int) -> float:
-        ramp = min(1.0, (local_step + 1) / rewarmup_steps) if rewarmup_steps and start_step > 0 else 1.0
-        return base(start_step + local_step) * ramp
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
+                              scheduler_specific_kwargs=kwargs or {})
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        raise ValueError(f"train.lr_scheduler: {name!r} is not a schedule of the step alone")
+    setattr(scheduler, RESTART_ATTR, 0)
+    if rewarmup_steps:
+        scheduler.lr_lambdas = [_ramped(f, scheduler, rewarmup_steps) for f in scheduler.lr_lambdas]
+    return scheduler
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+def _ramped(base, scheduler, steps: int):
+    def factor(step: int) -> float:
+        restart = getattr(scheduler, RESTART_ATTR)
+        return base(step) * (min(1.0, (step - restart + 1) / steps) if restart > 0 else 1.0)
+
+    return factor
+
+
+def restart_schedule(scheduler: Any, step: int) -> None:
+    """Start the re-warmup ramp (if the schedule has one) at `step`: the next optimizer step uses
+    base(step) / rewarmup_steps."""
+    if getattr(scheduler, RESTART_ATTR, None) is None:
+        return
+    setattr(scheduler, RESTART_ATTR, step)
+    lrs = [base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
 
 
 def snapshot_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, tuple[nn.Parameter, dict]]:
@@ -70,10 +93,10 @@ def snapshot_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> di
     return {n: (p, inner.state.get(p, {})) for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _carry_state(new: nn.Parameter, old: nn.Parameter, state: dict, grown: bool) -> dict | None:
-    if new is old:
-        return state
-    if not grown or not state or new.ndim != old.ndim or any(a < b for a, b in zip(new.shape, old.shape)):
+def _padded(state: dict, old: nn.Parameter, new: nn.Parameter) -> dict | None:
+    """`state` for `new` (old's shape grown): tensors of old's shape zero-padded, 0-d tensors and numbers
+    kept; None when some state has another shape (it cannot be padded)."""
+    if new.ndim != old.ndim or any(a < b for a, b in zip(new.shape, old.shape)):
         return None
     out = {}
     for key, value in state.items():
@@ -81,106 +104,63 @@ def _carry_state(new: nn.Parameter, old: nn.Parameter, state: dict, grown: bool)
             padded = torch.zeros_like(new, dtype=value.dtype)
             padded[tuple(slice(0, s) for s in old.shape)] = value
             out[key] = padded
-        else:
+        elif not torch.is_tensor(value) or value.ndim == 0:
             out[key] = value.clone() if torch.is_tensor(value) else value
+        else:
+            return None
     return out
 
 
-def rebuild_after_growth(
-    model: nn.Module,
-    snapshot: dict[str, tuple[nn.Parameter, dict]],
-    surgery: str,
-    lr: float,
-    weight_decay: float,
-    total_steps: int,
-    warmup_steps: int,
-    step: int,
-    rewarmup_steps: int = 0,
-) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """A new AdamW over the model's trainable parameters and the global LR schedule continued at `step`.
-    `surgery` ("merge", "expand" or "prune") says how state is carried (see the module doc; after a prune
-    the re-factored LoRA tensors start fresh, like after a merge)."""
-    optimizer = build_optimizer(model, lr, weight_decay)
-    for name, param in model.named_parameters():
-        if param.requires_grad and name in snapshot:
-            old, state = snapshot[name]
-            carried = _carry_state(param, old, state, grown=surgery == "expand")
-            if carried:
-                optimizer.state[param] = carried
-    scheduler = build_scheduler(optimizer, total_steps, warmup_steps, start_step=step, rewarmup_steps=rewarmup_steps)
-    return optimizer, scheduler
+def repoint_optimizer(optimizer: Any, model: nn.Module, snapshot: dict[str, tuple[nn.Parameter, dict]],
+                      fates: dict[str, str]) -> None:
+    """Put the model's current trainable parameters into `optimizer` in place of those they replace (by
+    name, as in `snapshot`) and carry their state as `fates` says (parameter name -> KEPT, GROWN, FRESH;
+    a name not in it is KEPT). See the module doc."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    name_of = {id(old): n for n, (old, _) in snapshot.items()}
+    placed = set()
+    for group in inner.param_groups:
+        kept = []
+        for old in group["params"]:
+            name = name_of.get(id(old))
+            if name in params:
+                kept.append(params[name])
+                placed.add(name)
+        group["params"] = kept
+    missing = sorted(set(params) - placed)
+    if missing:  # our surgery keeps every name; a parameter new to the model has no group to inherit
+        raise ValueError(f"trainable parameters the optimizer never held: {missing[:3]}")
+    for name, new in params.items():
+        old, state = snapshot.get(name, (new, {}))
+        fate = fates.get(name, KEPT)
+        if fate == KEPT and new is old:
+            continue
+        carried = state if fate == KEPT and new.shape == old.shape else _padded(state, old, new) if fate == GROWN else None
+        inner.state.pop(old, None)
+        if carried:
+            inner.state[new] = carried
+        else:
+            inner.state.pop(new, None)
 
 
-def install_optimizer(accelerator: Any, old: Any, new: torch.optim.Optimizer) -> Any:
-    """Wrap `new` for `accelerator` and drop `old` from the accelerator's bookkeeping so that the replaced
-    tensors can be freed. The fp16 GradScaler is kept as it is: its loss scale was found over the run so
-    far (a fresh one would start at 2^16 again and skip steps until it backs off), and it holds no state
-    tied to an optimizer between steps."""
-    if old in getattr(accelerator, "_optimizers", []):
-        accelerator._optimizers.remove(old)
-    return accelerator.prepare_optimizer(new)
-
-
-def grow_and_rebuild(
-    model: nn.Module,
-    optimizer: Any,
-    new_rank: int | dict[str, int],
-    strategy: str,
-    *,
-    seed: int,
-    step: int,
-    lr: float,
-    weight_decay: float,
-    total_steps: int,
-    warmup_steps: int,
-    rewarmup_steps: int = 0,
-    accelerator: Any = None,
-) -> tuple[Any, torch.optim.lr_scheduler.LambdaLR]:
-    """Growth plus its optimizer consequences. `model` is the unwrapped PEFT model; the generator seed is
-    `seed + step`, equal on every process."""
-    from .surgery import grow_lora
-
+def grow_and_repoint(model: nn.Module, optimizer: Any, new_rank: int | dict[str, int], strategy: str, *,
+                     seed: int) -> None:
+    """Growth plus its optimizer consequences, for your own loop. `model` is the unwrapped PEFT model;
+    use the same `seed` (e.g. seed + step) on every process."""
     snapshot = snapshot_optimizer(model, optimizer)
-    grow_lora(model, new_rank, strategy, seed=seed + step)
-    return _rebuild(model, optimizer, snapshot, strategy, lr, weight_decay, total_steps, warmup_steps, step,
-                    rewarmup_steps, accelerator)
+    repoint_optimizer(optimizer, model, snapshot, grow_lora(model, new_rank, strategy, seed=seed))
 
 
-def _rebuild(model, old_optimizer, snapshot, surgery, lr, weight_decay, total_steps, warmup_steps, step,
-             rewarmup_steps, accelerator):
-    new_opt, scheduler = rebuild_after_growth(
-        model, snapshot, surgery, lr, weight_decay, total_steps, warmup_steps, step, rewarmup_steps
-    )
-    if accelerator is not None:
-        new_opt = install_optimizer(accelerator, old_optimizer, new_opt)
-    return new_opt, scheduler
-
-
-def apply_decision(
-    model: nn.Module,
-    optimizer: Any,
-    decision: Any,
-    cfg: Any,
-    *,
-    seed: int,
-    lr: float,
-    weight_decay: float,
-    total_steps: int,
-    warmup_steps: int,
-    importance: Any = None,
-    accelerator: Any = None,
-) -> tuple[Any, torch.optim.lr_scheduler.LambdaLR, dict]:
+def apply_decision(model: nn.Module, optimizer: Any, decision: Any, cfg: Any, *, seed: int,
+                   importance: Any = None) -> dict:
     """Carry out a controller decision (grow or prune) on the unwrapped PEFT `model` as the AdaRankConfig
-    `cfg` says, and rebuild optimizer and scheduler. Our loop and the Trainer callback both call this.
-    Returns (optimizer, scheduler, details for the rank event)."""
-    from .surgery import lora_ranks, prune_lora
-
-    step = decision.step
+    `cfg` says and re-point `optimizer`. Our loop and the Trainer callback both call this. Returns the
+    details for the rank event. (Our loop then restarts its schedule's re-warmup ramp, if any.)"""
+    snapshot = snapshot_optimizer(model, optimizer)
     if decision.prune:
-        snapshot = snapshot_optimizer(model, optimizer)
         report = prune_lora(model, **cfg.prune_kwargs())
-        opt, sched = _rebuild(model, optimizer, snapshot, "prune", lr, weight_decay, total_steps, warmup_steps,
-                              step, cfg.rewarmup_steps, accelerator)
+        fates = {n: FRESH for name, _ in lora_layers(model) for n in factor_names(name)}
         details = {"method": cfg.prune, "modules": report}
     else:
         target: int | dict[str, int] = decision.rank
@@ -190,9 +170,10 @@ def apply_decision(
             chosen = importance.top(cfg.grow_top_k, [n for n, r in ranks.items() if r < cfg.r_max])
             target = {n: min(ranks[n] + cfg.alpha, cfg.r_max) for n in chosen}
             details = {"modules": {n: {"from_rank": ranks[n], "to_rank": r} for n, r in target.items()}}
-        opt, sched = grow_and_rebuild(
-            model, optimizer, target, cfg.strategy, seed=seed, step=step, lr=lr, weight_decay=weight_decay,
-            total_steps=total_steps, warmup_steps=warmup_steps, rewarmup_steps=cfg.rewarmup_steps,
-            accelerator=accelerator,
-        )
-    return opt, sched, details
+        fates = grow_lora(model, target, cfg.strategy, seed=seed + decision.step)
+    repoint_optimizer(optimizer, model, snapshot, fates)
+    return details
+
+
+__all__ = ["GROWN", "FRESH", "KEPT", "apply_decision", "build_optimizer", "build_scheduler", "grow_and_repoint",
+           "repoint_optimizer", "restart_schedule", "snapshot_optimizer"]

@@ -1,12 +1,22 @@
-"""Rank surgery on PEFT LoRA models: grow the rank of every adapted module without changing the outputs.
+"""Rank surgery on PEFT LoRA models: grow the rank of adapted modules without changing the outputs.
 
-    merge:   W <- W + B·A·s ;  A' ~ kaiming (r' x in),  B' = 0 (out x r')       one fresh adapter
-    expand:  A' = [A ; A_new] (r' x in),  B' = [B | 0] (out x r')              one adapter since the start
+Three strategies, each a small object with one interface (`Strategy.grow` on one layer, returning what
+the optimizer must do with the layer's factors; `keeps_shapes`):
 
-s = lora_alpha / r is kept constant (lora_alpha follows r), so old updates are never rescaled and
-B'·A'·s == B·A·s right after growth. `merge` also accumulates the merged updates per base weight in
-`model.adarank_merged_delta` (fp32, on CPU), so the run can be reloaded and exported relative to the
-original base. Surgery only touches modules; optimizer consequences live in `optim.py`.
+    merge:   W <- W + B·A·s ;  A' ~ kaiming (r' x in),  B' = 0 (out x r')     a fresh adapter     (state: fresh)
+    expand:  A' = [A ; A_new] (r' x in),  B' = [B | 0] (out x r')            one adapter, grown   (state: padded)
+    masked:  A, B allocated at r_max from the start; rows of A and columns   shapes never change  (state: kept)
+             of B beyond the active rank r are zero. Growth writes random rows A[r:r'] (B[:, r:r'] stays 0).
+
+Why masked is exact: a zero row A[j] and a zero column B[:, j] give each other zero gradients (∂L/∂B[:, j]
+needs A[j]·x, ∂L/∂A[j] needs B[:, j]), so every optimizer leaves them at zero, weight decay included; the
+inactive part computes nothing and trains nothing until growth activates it. Parameters keep their
+identity and shape, so DDP/FSDP wrappers and the optimizer stay valid (at the memory of r_max throughout).
+
+s = lora_alpha / r is kept constant (lora_alpha follows r; masked: lora_alpha = s · r_max), so old updates
+are never rescaled and B'·A'·s == B·A·s right after growth. `merge` also accumulates the merged updates per
+base weight in `model.adarank_merged_delta` (fp32, on CPU), so the run can be reloaded and exported
+relative to the original base. Surgery only touches modules; optimizer consequences live in `optim.py`.
 """
 
 from __future__ import annotations
@@ -17,10 +27,12 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .config import STRATEGIES
-
 ADAPTER = "default"
 MERGED_DELTA_ATTR = "adarank_merged_delta"
+ACTIVE_ATTR = "adarank_active_r"  # on a masked layer: {adapter: active rank} (its PEFT `r` is the allocated r_max)
+
+# What the optimizer does with a layer's factors after surgery (optim.repoint_optimizer)
+KEPT, GROWN, FRESH = "kept", "grown", "fresh"
 
 
 def lora_layers(model: nn.Module, adapter: str = ADAPTER) -> Iterator[tuple[str, nn.Module]]:
@@ -31,9 +43,24 @@ def lora_layers(model: nn.Module, adapter: str = ADAPTER) -> Iterator[tuple[str,
             yield name, module
 
 
+def active_rank(layer: nn.Module, adapter: str = ADAPTER) -> int:
+    """The rank a layer uses: its PEFT `r`, or for a masked layer the active part of it."""
+    active = getattr(layer, ACTIVE_ATTR, None)
+    return int(active[adapter]) if active and adapter in active else int(layer.r[adapter])
+
+
+def is_masked(layer: nn.Module, adapter: str = ADAPTER) -> bool:
+    return adapter in (getattr(layer, ACTIVE_ATTR, None) or {})
+
+
 def lora_ranks(model: nn.Module, adapter: str = ADAPTER) -> dict[str, int]:
-    """Module name -> current LoRA rank."""
-    return {name: int(layer.r[adapter]) for name, layer in lora_layers(model, adapter)}
+    """Module name -> current LoRA rank (for masked layers: the active rank)."""
+    return {name: active_rank(layer, adapter) for name, layer in lora_layers(model, adapter)}
+
+
+def factor_names(name: str, adapter: str = ADAPTER) -> tuple[str, str]:
+    """The parameter names of a LoRA module's A and B."""
+    return f"{name}.lora_A.{adapter}.weight", f"{name}.lora_B.{adapter}.weight"
 
 
 def base_module_name(module_name: str) -> str:
@@ -68,21 +95,84 @@ def rank_summary(model: nn.Module, adapter: str = ADAPTER) -> tuple[dict[str, in
     return ranks, max(ranks.values()), sum(ranks.values()) / len(ranks)
 
 
+class Merge:
+    """Fold the live update into the base weight; a fresh adapter at the new rank (the original's rule)."""
+
+    name, keeps_shapes = "merge", False
+
+    def grow(self, name: str, layer: nn.Module, rank: int, gen: torch.Generator | None, merged: dict,
+             adapter: str) -> str:
+        delta = layer.get_delta_weight(adapter)
+        base = layer.get_base_layer().weight
+        with torch.no_grad():
+            base.add_(delta.to(base.dtype))
+        key = base_weight_name(name)
+        d32 = delta.detach().float().cpu()
+        merged[key] = merged[key] + d32 if key in merged else d32
+        set_lora_factors(layer, _new_a(rank, layer.in_features, gen), torch.zeros(layer.out_features, rank),
+                         float(layer.scaling[adapter]), adapter)
+        return FRESH
+
+
+class Expand:
+    """Append rows to A (random) and columns to B (zero): one adapter since the start, new Parameters."""
+
+    name, keeps_shapes = "expand", False
+
+    def grow(self, name: str, layer: nn.Module, rank: int, gen: torch.Generator | None, merged: dict,
+             adapter: str) -> str:
+        old = int(layer.r[adapter])
+        a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        new_a = torch.cat([a.detach().float().cpu(), _new_a(rank - old, layer.in_features, gen)])
+        new_b = torch.cat([b.detach().float().cpu(), torch.zeros(layer.out_features, rank - old)], dim=1)
+        set_lora_factors(layer, new_a, new_b, float(layer.scaling[adapter]), adapter)
+        return GROWN
+
+
+class Masked:
+    """Activate rows of an adapter allocated at r_max (`allocate_masked`): no tensor changes shape."""
+
+    name, keeps_shapes = "masked", True
+
+    def grow(self, name: str, layer: nn.Module, rank: int, gen: torch.Generator | None, merged: dict,
+             adapter: str) -> str:
+        if not is_masked(layer, adapter):
+            raise ValueError(f"{name}: strategy masked needs adapters allocated at r_max first (allocate_masked)")
+        old, allocated = active_rank(layer, adapter), int(layer.r[adapter])
+        if rank > allocated:
+            raise ValueError(f"{name}: rank {rank} exceeds the {allocated} rows allocated for masked growth")
+        a = layer.lora_A[adapter].weight
+        with torch.no_grad():
+            a[old:rank] = _new_a(rank - old, layer.in_features, gen).to(a.dtype)
+        getattr(layer, ACTIVE_ATTR)[adapter] = rank
+        return KEPT
+
+
+STRATEGIES = {s.name: s for s in (Merge(), Expand(), Masked())}
+
+
+def get_strategy(name: str):
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {name!r}") from None
+
+
 def grow_lora(
     model: nn.Module,
     new_rank: int | dict[str, int],
     strategy: str = "merge",
     seed: int | None = None,
     adapter: str = ADAPTER,
-) -> nn.Module:
-    """Grow LoRA modules of `model` in place; returns the model to keep training.
+) -> dict[str, str]:
+    """Grow LoRA modules of `model` in place. Returns, for the factors of every module that grew, what the
+    optimizer must do with their state (parameter name -> KEPT, GROWN or FRESH; see `optim.repoint_optimizer`).
 
     `new_rank` is one rank for every module, or a dict module name -> rank for some of them (per-layer
     growth; the others keep their rank). New A entries use PEFT's default init (kaiming-uniform, a=sqrt(5))
     drawn from a generator seeded with `seed` when given, so that every process of a distributed run draws
     the same numbers."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
+    grower = get_strategy(strategy)
     layers = list(lora_layers(model, adapter))
     if not layers:
         raise ValueError(f"model has no LoRA modules for adapter {adapter!r}")
@@ -95,45 +185,60 @@ def grow_lora(
     if merged is None:
         merged = {}
         setattr(model, MERGED_DELTA_ATTR, merged)
+    fates = {}
     for name, layer in layers:
-        old_rank, rank = int(layer.r[adapter]), targets.get(name)
+        old_rank, rank = active_rank(layer, adapter), targets.get(name)
         if rank is None or rank == old_rank:
             continue
         if rank < old_rank:
             raise ValueError(f"{name}: new rank {rank} is below the current rank {old_rank}; use prune_lora to shrink")
         _check_plain(name, layer, adapter)
-        lora_a, lora_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-        if strategy == "merge":
-            delta = layer.get_delta_weight(adapter)
-            base = layer.get_base_layer().weight
-            with torch.no_grad():
-                base.add_(delta.to(base.dtype))
-            key = base_weight_name(name)
-            d32 = delta.detach().float().cpu()
-            merged[key] = merged[key] + d32 if key in merged else d32
-            new_a = _new_a(rank, layer.in_features, gen)
-            new_b = torch.zeros(layer.out_features, rank)
-        else:
-            new_a = torch.cat([lora_a.detach().float().cpu(), _new_a(rank - old_rank, layer.in_features, gen)])
-            new_b = torch.cat([lora_b.detach().float().cpu(), torch.zeros(layer.out_features, rank - old_rank)], dim=1)
-        set_lora_factors(layer, new_a, new_b, float(layer.scaling[adapter]), adapter)
+        if is_masked(layer, adapter) and grower.name != "masked":
+            raise ValueError(f"{name}: the adapter is allocated for masked growth; grow it with strategy masked")
+        fate = grower.grow(name, layer, rank, gen, merged, adapter)
+        fates.update(dict.fromkeys(factor_names(name, adapter), fate))
     _sync_peft_config(model, adapter, layers)
-    return model
+    return fates
+
+
+def allocate_masked(model: nn.Module, r_max: int, adapter: str = ADAPTER) -> None:
+    """Prepare every LoRA module for masked growth: allocate A and B at `r_max` rows/columns, the part
+    beyond the current rank zero, so the function is unchanged; the current rank becomes the active one.
+    Call it before the optimizer is built (or re-point the optimizer after it)."""
+    layers = list(lora_layers(model, adapter))
+    for name, layer in layers:
+        if is_masked(layer, adapter):
+            continue
+        _check_plain(name, layer, adapter)
+        rank = int(layer.r[adapter])
+        if rank > r_max:
+            raise ValueError(f"{name}: rank {rank} exceeds r_max {r_max}")
+        a, b = layer.lora_A[adapter].weight.detach().float().cpu(), layer.lora_B[adapter].weight.detach().float().cpu()
+        set_lora_factors(layer, torch.cat([a, torch.zeros(r_max - rank, layer.in_features)]),
+                         torch.cat([b, torch.zeros(layer.out_features, r_max - rank)], dim=1),
+                         float(layer.scaling[adapter]), adapter)
+        layer.__dict__.setdefault(ACTIVE_ATTR, {})[adapter] = rank
+    _sync_peft_config(model, adapter, layers)
 
 
 def resize_lora(model: nn.Module, ranks: dict[str, int], adapter: str = ADAPTER) -> None:
     """Give LoRA modules the ranks `ranks` (module name -> rank) with zero factors and the same scaling,
-    ready for a state dict of those shapes to be loaded (resuming a run whose ranks changed)."""
+    ready for a state dict of those shapes to be loaded (resuming a run whose ranks changed). Masked layers
+    keep their shapes; only their active rank is set."""
     layers = list(lora_layers(model, adapter))
     unknown = sorted(set(ranks) - {name for name, _ in layers})
     if unknown:
         raise ValueError(f"not LoRA modules of this model: {unknown}")
     for name, layer in layers:
         rank = ranks.get(name)
-        if rank is not None and rank != int(layer.r[adapter]):
-            _check_plain(name, layer, adapter)
-            set_lora_factors(layer, torch.zeros(rank, layer.in_features), torch.zeros(layer.out_features, rank),
-                             float(layer.scaling[adapter]), adapter)
+        if rank is None or rank == active_rank(layer, adapter):
+            continue
+        if is_masked(layer, adapter):
+            getattr(layer, ACTIVE_ATTR)[adapter] = rank
+            continue
+        _check_plain(name, layer, adapter)
+        set_lora_factors(layer, torch.zeros(rank, layer.in_features), torch.zeros(layer.out_features, rank),
+                         float(layer.scaling[adapter]), adapter)
     _sync_peft_config(model, adapter, layers)
 
 
@@ -185,8 +290,13 @@ def _sync_peft_config(model: nn.Module, adapter: str, layers: list[tuple[str, nn
     config.alpha_pattern = {base_module_name(n): alphas[n] for n, r in ranks.items() if r != common}
 
 
-def count_trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def count_trainable(model: nn.Module, adapter: str = ADAPTER) -> int:
+    """Trainable parameters in use: the inactive rows and columns of masked adapters do not count."""
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    for _, layer in lora_layers(model, adapter):
+        if is_masked(layer, adapter):
+            total -= (int(layer.r[adapter]) - active_rank(layer, adapter)) * (layer.in_features + layer.out_features)
+    return total
 
 
 # ---------------------------------------------------------------------------------------------- pruning
@@ -276,11 +386,18 @@ def prune_lora(
     report = {}
     for name, layer in layers:
         u, s, vh = svds[name]
-        old = int(layer.r[adapter])
+        old = active_rank(layer, adapter)
         k = max(1, min(keep[name], old))
         scaling = float(layer.scaling[adapter])
         a, b = svd_factors(u, s, vh, k, scaling)
-        set_lora_factors(layer, a.cpu(), b.cpu(), scaling, adapter)
+        if is_masked(layer, adapter):  # in place, shapes kept: the rows beyond k become inactive (zero)
+            a_w, b_w = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+            with torch.no_grad():
+                a_w.zero_()[:k] = a.to(a_w)
+                b_w.zero_()[:, :k] = b.to(b_w)
+            getattr(layer, ACTIVE_ATTR)[adapter] = k
+        else:
+            set_lora_factors(layer, a.cpu(), b.cpu(), scaling, adapter)
         report[name] = {"from_rank": old, "to_rank": k, "error": float(torch.linalg.vector_norm(s[k:]))}
     _sync_peft_config(model, adapter, layers)
     return report

@@ -34,10 +34,11 @@ from .importance import ImportanceTracker
 from .metrics import classification_metrics, decode_label
 from .modeling import (check_max_length, check_tokenizer, load_base_model, load_model_config, load_tokenizer, prepare_model,
                        resolve_model_path, save_run_model)
-from .optim import apply_decision, build_optimizer, build_scheduler
+from .optim import apply_decision, build_optimizer, build_scheduler, restart_schedule
 from .report import JsonlWriter, package_versions, plot_training, write_json, write_yaml
 from .rundir import RunDirError, check_output_dir, clear_run, mark_running, write_marker
-from .surgery import MERGED_DELTA_ATTR, base_weight_name, count_trainable, lora_layers, lora_ranks, rank_summary, resize_lora
+from .surgery import (MERGED_DELTA_ATTR, base_weight_name, count_trainable, get_strategy, lora_layers, lora_ranks,
+                      rank_summary, resize_lora)
 from .tasks import get_task
 
 MERGED_PREFIX = "merged_delta::"  # checkpoint tensor names of the merged updates (relative to the original base)
@@ -147,10 +148,9 @@ class Run:
         model = prepare_model(model, self.seq2seq, cfg, self.total_steps)
         if ckpt is not None:
             self._restore_model(model, *ckpt)
-        self.schedule_start = ckpt[2]["schedule_start"] if ckpt is not None else 0  # step the LR schedule was built at
         optimizer = build_optimizer(model, tc.lr, tc.weight_decay) if self.total_steps else None
-        self.scheduler = build_scheduler(optimizer, self.total_steps, self.warmup_steps, start_step=self.schedule_start,
-                                         rewarmup_steps=ac.rewarmup_steps) if optimizer else None
+        self.scheduler = build_scheduler(optimizer, self.total_steps, self.warmup_steps, tc.lr_scheduler,
+                                         tc.lr_scheduler_kwargs, ac.rewarmup_steps) if optimizer else None
         if optimizer is None:  # zero_shot
             self.optimizer = None
             self.model, self.train_loader, self.eval_loader = self.accelerator.prepare(model, train_loader, eval_loader)
@@ -216,7 +216,7 @@ class Run:
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "accumulation_step": acc.step, "ranks": lora_ranks(raw),
             "optimizer": self.optimizer.state_dict(), "optimizer_params": self._optimizer_param_names(),
-            "scheduler": self.scheduler.state_dict(), "schedule_start": self.schedule_start,
+            "scheduler": self.scheduler.state_dict(),
             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
             "controller": self.controller.state_dict() if self.controller is not None else None,
             "importance": {k: v.cpu() for k, v in self.importance.scores.items()} if self.importance else None,
@@ -482,14 +482,12 @@ class Run:
         tc = self.cfg.train
         raw = self.raw_model
         start = time.perf_counter()
-        self.optimizer, self.scheduler, details = apply_decision(
-            raw, self.optimizer, decision, self.cfg.adarank, seed=tc.seed, lr=tc.lr, weight_decay=tc.weight_decay,
-            total_steps=self.total_steps, warmup_steps=self.warmup_steps, importance=self.importance,
-            accelerator=self.accelerator,
-        )
-        self.schedule_start = decision.step
+        details = apply_decision(raw, self.optimizer, decision, self.cfg.adarank, seed=tc.seed,
+                                 importance=self.importance)
+        restart_schedule(self.scheduler, decision.step)
         digests = agree(self.accelerator, raw, f"the rank change at step {decision.step}")
-        self.model = rewrap_model(self.accelerator, self.model, raw)  # DDP registered the old parameters
+        if not get_strategy(self.cfg.adarank.strategy).keeps_shapes:  # DDP registered the old parameters
+            self.model = rewrap_model(self.accelerator, self.model, raw)
         self._update_ranks()
         seconds = time.perf_counter() - start  # surgery and optimizer/scheduler rebuild
         self.decision_time += seconds
