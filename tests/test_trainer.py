@@ -1,0 +1,161 @@
+"""AdaRank inside a user's own Trainer script: their optimizer and its hyperparameters, their LR schedule,
+gradient accumulation, a second train(), importance read before clipping."""
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_bert, tiny_t5, write_glue
+
+from adarank import AdaRankConfig, get_task
+from adarank.callback import AdaRankCallback
+from adarank.data import load_split, make_collator, tokenize
+from adarank.modeling import apply_lora
+
+FORCED = dict(r0=2, r_max=8, alpha=2, tol=0.0, check_every=3, warmup_steps=3, criterion="threshold")
+
+
+def trainer_for(tmp_path, tok, strategy="expand", optimizers=(None, None), seq2seq=False, **args):
+    """A user-style script: a PEFT LoRA model, TrainingArguments, Trainer, then AdaRank attached."""
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    glue = write_glue(tmp_path / "glue", n_train=32, n_eval=8)
+    task = get_task("mrpc")
+    rows = tokenize(load_split(task, "train", glue), task, tok, seq2seq, 48, 4)
+    if seq2seq:
+        rows = [{k: v for k, v in r.items() if k != "class_label"} for r in rows]
+        model = apply_lora(tiny_t5(vocab_size=len(tok)), True, 2, 4, None, 0.0)
+        collator = DataCollatorForSeq2Seq(tok)
+    else:
+        model = apply_lora(tiny_bert(vocab_size=len(tok)), False, 2, 4, None, 0.0)
+        collator = make_collator(tok, False)
+    if optimizers[0] == "sgd":  # built by the user on the model they just made
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9, nesterov=True)
+        optimizers = (opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.97 ** s))
+    settings = dict(output_dir=str(tmp_path / "t"), per_device_train_batch_size=8, max_steps=12, learning_rate=1e-2,
+                    report_to=[], save_strategy="no", eval_strategy="no", logging_steps=1, use_cpu=True,
+                    remove_unused_columns=False, seed=0)
+    settings.update(args)
+    trainer = Seq2SeqTrainer(model=model, args=Seq2SeqTrainingArguments(**settings), train_dataset=rows,
+                             data_collator=collator, optimizers=optimizers)
+    callback = AdaRankCallback(AdaRankConfig(**{**FORCED, "strategy": strategy})).attach(trainer)
+    return trainer, callback, model
+
+
+class LRLog:
+    """Records the LR each optimizer step used, read from the optimizer's groups before the step."""
+
+    def __init__(self):
+        self.lrs = []
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+
+def add_lr_log(trainer) -> LRLog:
+    from transformers import TrainerCallback
+
+    log = type("LRLogCallback", (LRLog, TrainerCallback), {})()
+    trainer.add_callback(log)
+    return log
+
+
+def held(trainer, model) -> bool:
+    """The Trainer's optimizer holds exactly the model's trainable tensors."""
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    return ({id(p) for g in inner.param_groups for p in g["params"]}
+            == {id(p) for p in model.parameters() if p.requires_grad})
+
+
+@pytest.mark.parametrize("strategy", ["merge", "expand", "masked"])
+def test_the_users_adam_settings_and_decay_groups_survive_growth(tmp_path, bert_tok, strategy):
+    trainer, callback, model = trainer_for(tmp_path, bert_tok, strategy, adam_beta1=0.8, adam_beta2=0.95,
+                                           adam_epsilon=1e-6, weight_decay=0.05)
+    trainer.train()
+    assert [e["to_rank"] for e in callback.events] == [4, 6, 8]
+    inner = trainer.optimizer.optimizer
+    assert type(inner).__name__ == "AdamW" and held(trainer, model)
+    assert all(g["betas"] == (0.8, 0.95) and g["eps"] == 1e-6 for g in inner.param_groups)
+    # the Trainer's grouping: weight decay on the LoRA factors and the head's weight, not on its bias
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)] for g in inner.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    assert any("lora_A" in n for n in decay) and not any(n.endswith("bias") for n in decay)
+
+
+def test_adafactor_survives_growth_and_keeps_training(tmp_path, bert_tok):
+    """Adafactor's factored second moments cannot be padded: grown factors start fresh, nothing crashes."""
+    trainer, callback, model = trainer_for(tmp_path, bert_tok, "expand", optim="adafactor")
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    trainer.train()
+    assert [e["to_rank"] for e in callback.events] == [4, 6, 8] and held(trainer, model)
+    assert type(trainer.optimizer.optimizer).__name__ == "Adafactor"
+    assert all(math.isfinite(x) for x in callback.losses)
+    after = dict(model.named_parameters())
+    assert all(not torch.equal(before[n][:, :2], after[n][:, :2]) and torch.count_nonzero(after[n][:, 2:]) > 0
+               for n in before)  # old and grown columns of B both trained
+
+
+def test_a_users_own_optimizer_and_scheduler_are_kept(tmp_path, bert_tok):
+    trainer, callback, model = trainer_for(tmp_path, bert_tok, "expand", optimizers=("sgd", None))
+    opt, sched = trainer.optimizer, trainer.lr_scheduler
+    lrs = add_lr_log(trainer)
+    trainer.train()
+    assert len(callback.events) == 3 and trainer.optimizer.optimizer is opt and trainer.lr_scheduler is sched
+    assert held(trainer, model) and opt.param_groups[0]["momentum"] == 0.9 and opt.param_groups[0]["nesterov"]
+    assert lrs.lrs == pytest.approx([0.05 * 0.97**s for s in range(12)], rel=1e-12)
+    state = opt.state[dict(model.named_parameters())[next(n for n, _ in model.named_parameters() if "lora_A" in n)]]
+    assert state["momentum_buffer"].shape[0] == 8  # expand padded the momentum of the grown A
+
+
+@pytest.mark.parametrize("kind", ["cosine", "constant_with_warmup"])
+def test_the_trainers_schedule_continues_exactly_across_growth(tmp_path, bert_tok, kind):
+    trainer, callback, _ = trainer_for(tmp_path, bert_tok, "merge", lr_scheduler_type=kind, warmup_steps=2)
+    lrs = add_lr_log(trainer)
+    trainer.train()
+    assert len(callback.events) == 3
+
+    def formula(step, warmup=2, total=12):
+        if step < warmup:
+            return step / warmup
+        if kind == "constant_with_warmup":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+    assert lrs.lrs == pytest.approx([1e-2 * formula(s) for s in range(12)], rel=1e-9, abs=1e-15)
+    callbacks = trainer.callback_handler
+    assert callbacks.optimizer is trainer.optimizer and callbacks.lr_scheduler is trainer.lr_scheduler
+
+
+def test_a_second_train_call_continues_growing(tmp_path, bert_tok):
+    trainer, callback, model = trainer_for(tmp_path, bert_tok, "expand", max_steps=6)
+    trainer.train()
+    assert [(e["step"], e["to_rank"]) for e in callback.events] == [(3, 4)]  # (no decision at the last step)
+    trainer.train()  # the controller starts counting again, from the model's rank
+    assert [(e["step"], e["to_rank"]) for e in callback.events] == [(3, 4), (3, 6)] and held(trainer, model)
+
+
+@pytest.mark.parametrize("seq2seq", [False, True])
+def test_the_controller_sees_the_loss_the_trainer_logs_under_gradient_accumulation(tmp_path, bert_tok, t5_tok, seq2seq):
+    """T5's loss takes num_items_in_batch (normalised over the whole accumulated step), BERT's does not."""
+    tok = t5_tok if seq2seq else bert_tok
+    trainer, callback, _ = trainer_for(tmp_path, tok, "expand", seq2seq=seq2seq, gradient_accumulation_steps=2,
+                                       per_device_train_batch_size=4, max_steps=8)
+    if seq2seq:
+        assert trainer.model_accepts_loss_kwargs
+    trainer.train()
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(callback.losses) == len(logged) == 8
+    assert callback.losses == pytest.approx(logged, rel=1e-5)
+
+
+def test_importance_is_read_before_clipping(tmp_path, bert_tok):
+    """With a clipping norm of 1e-6, clipped gradients would give a total score of at most about 1e-12."""
+    from transformers import Seq2SeqTrainer
+
+    trainer, callback, _ = trainer_for(tmp_path, bert_tok, "expand", max_grad_norm=1e-6, max_steps=2)
+    callback.config.grow_top_k = 1
+    from adarank.importance import ImportanceTracker
+
+    callback.importance = ImportanceTracker("grad_norm")
+    trainer.train()
+    assert isinstance(trainer, Seq2SeqTrainer) and sum(float(v) for v in callback.importance.scores.values()) > 1e-8
