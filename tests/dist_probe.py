@@ -28,7 +28,7 @@ def main() -> None:
         raw = run.raw_model
         records.append({"when": when, "digest": params_digest(raw), "wrapper": type(run.model).__name__,
                         "wraps_raw": getattr(run.model, "module", None) is raw,
-                        "accelerator_models": len(run.accelerator._models),
+                        "accelerator_models": len(run.accelerator._models), "model_id": id(run.model),
                         "forward_wrappers": wrappers(raw.forward)})
 
     apply = run._apply

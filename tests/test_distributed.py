@@ -101,6 +101,37 @@ def test_rewrapping_after_growth_stacks_no_wrappers(tmp_path, config_file):
         assert rec["accelerator_models"] == 1 and rec["forward_wrappers"] == ranks[0][0]["forward_wrappers"] > 0
 
 
+def test_masked_growth_needs_no_rewrap_in_our_loop(tmp_path, config_file):
+    """strategy masked (with a prune, in place too): the same DDP wrapper all run, identical parameters."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    procs = spawn(2, [os.path.join(HERE, "dist_probe.py"), config_file, str(tmp_path / "out"), str(probe),
+                      "adarank.strategy=masked"])
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:]
+    ranks = [read_jsonl(str(probe / f"rank{r}.jsonl")) for r in (0, 1)]
+    assert [r["when"] for r in ranks[0]] == ["start", "grow@4", "grow@8", "grow@12", "prune@15"]
+    assert [r["digest"] for r in ranks[0]] == [r["digest"] for r in ranks[1]]
+    assert len({r["model_id"] for r in ranks[0]}) == 1 and {r["accelerator_models"] for r in ranks[0]} == {1}
+
+
+@pytest.mark.parametrize("strategy", ["masked", "expand"])
+def test_the_callback_in_a_two_process_trainer(tmp_path, strategy):
+    """A user's Trainer script in 2 processes (gloo): masked growth keeps both processes identical after every
+    rank change; expand, which would need the DDP wrapper rebuilt, is refused with one line."""
+    procs = spawn(2, [os.path.join(HERE, "trainer_probe.py"), str(tmp_path), strategy])
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    if strategy == "expand":
+        assert all(p.returncode != 0 for p in procs)
+        assert "AdaRankCallback in 2 processes needs adarank.strategy='masked'" in outs[0]
+        return
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:]
+    ranks = [read_jsonl(str(tmp_path / f"rank{r}.jsonl")) for r in (0, 1)]
+    assert [r["step"] for r in ranks[0]] == [3, 6, 9] and ranks[0] == ranks[1]
+    assert all(r["num_processes"] == 2 and r["wrapped"] == "DistributedDataParallel" for r in ranks[0])
+    assert ranks[0][-1]["rank_mean"] < ranks[0][-1]["to_rank"]  # per-layer: two modules grew at each event
+
+
 def test_unconnected_and_sharded_launches_are_refused(monkeypatch, tmp_path, config_file, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(LaunchError, match=r"started 2 processes \(WORLD_SIZE=2\) but they are not connected"):

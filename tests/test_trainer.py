@@ -15,7 +15,7 @@ from adarank.modeling import apply_lora
 FORCED = dict(r0=2, r_max=8, alpha=2, tol=0.0, check_every=3, warmup_steps=3, criterion="threshold")
 
 
-def trainer_for(tmp_path, tok, strategy="expand", optimizers=(None, None), seq2seq=False, **args):
+def trainer_for(tmp_path, tok, strategy="expand", optimizers=(None, None), seq2seq=False, evaluate=False, **args):
     """A user-style script: a PEFT LoRA model, TrainingArguments, Trainer, then AdaRank attached."""
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
 
@@ -36,8 +36,9 @@ def trainer_for(tmp_path, tok, strategy="expand", optimizers=(None, None), seq2s
                     report_to=[], save_strategy="no", eval_strategy="no", logging_steps=1, use_cpu=True,
                     remove_unused_columns=False, seed=0)
     settings.update(args)
+    eval_rows = tokenize(load_split(task, "validation", glue), task, tok, seq2seq, 48, 4) if evaluate else None
     trainer = Seq2SeqTrainer(model=model, args=Seq2SeqTrainingArguments(**settings), train_dataset=rows,
-                             data_collator=collator, optimizers=optimizers)
+                             eval_dataset=eval_rows, data_collator=collator, optimizers=optimizers)
     callback = AdaRankCallback(AdaRankConfig(**{**FORCED, "strategy": strategy})).attach(trainer)
     return trainer, callback, model
 
@@ -159,3 +160,84 @@ def test_importance_is_read_before_clipping(tmp_path, bert_tok):
     callback.importance = ImportanceTracker("grad_norm")
     trainer.train()
     assert isinstance(trainer, Seq2SeqTrainer) and sum(float(v) for v in callback.importance.scores.values()) > 1e-8
+
+
+def logits(model, tok):
+    batch = tok(["the cat sat on a mat", "a dog ran"], ["the cat sat on the mat", "big red car"], padding=True,
+                return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def plain_peft(base_dir_model, directory):
+    """The adapter in `directory` on a fresh original base, with nothing but PEFT."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base_dir_model, directory)
+
+
+@pytest.mark.parametrize("strategy", ["merge", "expand", "masked"])
+def test_save_model_reloads_with_plain_peft_on_the_original_base(tmp_path, bert_tok, strategy):
+    trainer, callback, model = trainer_for(tmp_path, bert_tok, strategy)
+    trainer.train()
+    assert len(callback.events) == 3
+    out = tmp_path / "saved"
+    trainer.save_model(str(out))
+    reloaded = plain_peft(tiny_bert(vocab_size=len(bert_tok)), str(out))
+    assert (logits(reloaded, bert_tok) - logits(model, bert_tok)).abs().max() <= 1e-4
+    assert (out / "adarank" / "checkpoint.json").is_file()
+
+    # export: from the directory (adarank export), and from the model in memory (a Python function)
+    from adarank.export import export_adapter, export_model
+
+    base = tmp_path / "base"
+    tiny_bert(vocab_size=len(bert_tok)).save_pretrained(base)
+    log = export_adapter(str(out), str(tmp_path / "exp"), base=str(base))
+    assert log["max_abs_logit_diff"] <= 1e-4
+    export_model(model, str(tmp_path / "exp2"))
+    again = plain_peft(tiny_bert(vocab_size=len(bert_tok)), str(tmp_path / "exp2"))
+    assert (logits(again, bert_tok) - logits(model, bert_tok)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("strategy", ["merge", "expand", "masked"])
+def test_resume_from_a_trainer_checkpoint_between_growths(tmp_path, bert_tok, strategy):
+    """Checkpoints every 4 steps; growths at 3, 6, 9. Resuming from checkpoint-4 (one growth done, two to
+    come) ends at the ranks, weights and losses of the run that was never stopped."""
+    reference, ref_cb, ref_model = trainer_for(tmp_path / "ref", bert_tok, strategy, save_strategy="steps", save_steps=4)
+    reference.train()
+    ckpt = tmp_path / "ref" / "t" / "checkpoint-4"
+    assert (ckpt / "adarank" / "checkpoint.json").is_file()
+
+    resumed, cb, model = trainer_for(tmp_path / "res", bert_tok, strategy, save_strategy="steps", save_steps=4)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    key = lambda e: (e["step"], e["from_rank"], e["to_rank"])  # noqa: E731
+    assert [key(e) for e in cb.events] == [key(e) for e in ref_cb.events] == [(3, 2, 4), (6, 4, 6), (9, 6, 8)]
+    assert cb.losses == pytest.approx(ref_cb.losses, abs=1e-6)
+    assert (logits(model, bert_tok) - logits(ref_model, bert_tok)).abs().max() <= 1e-5
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoints_ranks(tmp_path, bert_tok):
+    """The best checkpoint (lowest eval loss, by construction the first) has rank 4; the model at the end
+    has rank 8 and a changed base (merge): load_best_model_at_end brings back both."""
+    from transformers import TrainerCallback
+
+    trainer, callback, model = trainer_for(tmp_path, bert_tok, "merge", evaluate=True, save_strategy="steps",
+                                           save_steps=4, eval_strategy="steps", eval_steps=4, load_best_model_at_end=True,
+                                           metric_for_best_model="eval_loss", greater_is_better=False)
+    snapshots = {}
+
+    class Best(TrainerCallback):  # make checkpoint-4 the best, and remember the model there
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            metrics["eval_loss"] = float(state.global_step)
+            if state.global_step == 4:
+                snapshots["logits"] = logits(model, bert_tok)
+                model.train()
+
+    trainer.add_callback(Best())
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-4")
+    from adarank import lora_ranks
+
+    assert set(lora_ranks(model).values()) == {4}
+    assert (logits(model, bert_tok) - snapshots["logits"]).abs().max() <= 1e-5

@@ -12,7 +12,17 @@ optimizer re-pointing that our loop uses.
   which, averaged over processes, goes to the controller at the step's end;
 - `accelerator.clip_grad_norm_`, to read per-layer importance before the gradients are clipped (as our
   loop does); without clipping it is read in `on_pre_optimizer_step`;
-- (checkpoints: see `on_save` and `_restore`.)
+- `_load_from_checkpoint` and `_load_best_model`, to give the model the checkpoint's ranks and merged base
+  weights before the Trainer loads the checkpoint's adapter into it (and, on resume, the controller's state),
+  and `save_model`, so that what it writes is whole (below).
+
+Checkpoints: `on_save` adds `adarank/` to every Trainer checkpoint -- per-module ranks, the base weights merge
+changed and the merged updates (exactly), the controller, importance and events -- beside the checkpoint's
+adapter, which stays relative to the current base as the Trainer's own loading needs. `trainer.save_model`
+then rewrites the adapter it saved, when merge folded updates into the base or masked holds zero rows, as
+one relative to the original base (`export.write_adapter`; expand's adapter is that already), so
+`PeftModel.from_pretrained(original_base, dir)` reproduces the trained model under every strategy, and adds
+`adarank/` (without merged weights: that adapter already holds them).
 
 On a rank change the model is changed in place (the Trainer keeps its model object) and the Trainer's own
 optimizer gets the new parameters in place of the old ones (`optim.repoint_optimizer`): its class,
@@ -25,6 +35,7 @@ only the shape-preserving strategy `masked` can grow there.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import torch
@@ -33,8 +44,12 @@ from transformers import TrainerCallback
 from .config import AdaRankConfig
 from .controller import RankController, decision_record
 from .importance import ImportanceTracker
+from .checkpoint import model_tensors, read_checkpoint, restore_model, write_state_dir
+from .export import write_adapter
 from .optim import apply_decision, repoint_optimizer, snapshot_optimizer
-from .surgery import allocate_masked, get_strategy, rank_summary
+from .surgery import MERGED_DELTA_ATTR, allocate_masked, get_strategy, lora_ranks, rank_summary
+
+STATE_DIR = "adarank"  # in Trainer checkpoints and save_model outputs
 
 
 class AdaRankCallback(TrainerCallback):
@@ -80,7 +95,64 @@ class AdaRankCallback(TrainerCallback):
             return clip(parameters, max_norm, *args, **kwargs)
 
         trainer.accelerator.clip_grad_norm_ = clip_grad_norm_
+        load_checkpoint, load_best, save = trainer._load_from_checkpoint, trainer._load_best_model, trainer.save_model
+
+        def _load_from_checkpoint(resume_from_checkpoint, *args, **kwargs):
+            self._restore(resume_from_checkpoint, resume=True)
+            return load_checkpoint(resume_from_checkpoint, *args, **kwargs)
+
+        def _load_best_model(*args, **kwargs):
+            self._restore(trainer.state.best_model_checkpoint, resume=False)
+            return load_best(*args, **kwargs)
+
+        def save_model(output_dir=None, _internal_call=False):
+            save(output_dir, _internal_call)
+            if not _internal_call and trainer.args.should_save:  # a checkpoint keeps its live adapter (on_save)
+                out = output_dir if output_dir is not None else trainer.args.output_dir
+                if getattr(self.model, MERGED_DELTA_ATTR, None) or self.config.strategy == "masked":
+                    write_adapter(self.model, out)  # merged updates folded in; masked zero rows dropped
+                self.save_state(out, whole=True)
+
+        trainer._load_from_checkpoint, trainer._load_best_model = _load_from_checkpoint, _load_best_model
+        trainer.save_model = save_model
         return self
+
+    def save_state(self, directory: str, whole: bool = False) -> str:
+        """Write AdaRank's state into `directory`/adarank (atomically). `whole`: the adapter beside it is
+        relative to the original base already, so merged base weights are not part of it."""
+        tensors = {} if whole else model_tensors(self.model, trainable=False)
+        state = {"format": 1, "config": dataclasses.asdict(self.config), "adapter": "whole" if whole else "live",
+                 "ranks": lora_ranks(self.model), "controller": self.controller.state_dict(),
+                 "importance": {k: v.cpu() for k, v in self.importance.scores.items()} if self.importance else None,
+                 "events": self.events, "losses": self.losses}
+        path = os.path.join(directory, STATE_DIR)
+        write_state_dir(path, tensors, state, self.controller.last_step)
+        return path
+
+    def _restore(self, directory: str, resume: bool) -> None:
+        """Before the Trainer loads the adapter of checkpoint `directory`: its ranks and merged base weights;
+        with `resume`, also the controller, importance and events."""
+        path = os.path.join(directory, STATE_DIR)
+        if not os.path.isdir(path):
+            raise ValueError(f"{directory} holds no AdaRank state ({STATE_DIR}/): it was not saved with "
+                             "AdaRankCallback attached, so its ranks and the controller cannot be restored")
+        tensors, state = read_checkpoint(path)
+        if state["adapter"] != "live":
+            raise ValueError(f"{directory}: a save_model output (its adapter is relative to the original base); "
+                             "resume from a checkpoint-N directory")
+        restore_model(self.model, tensors, state["ranks"], path, trainable=False)
+        if resume:
+            self.controller.load_state_dict(state["controller"])
+            if self.importance is not None and state["importance"] is not None:
+                self.importance.scores = {k: v.to(self.trainer.accelerator.device) for k, v in state["importance"].items()}
+            self.events, self.losses = state["events"], state["losses"]
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            self.save_state(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+        return control
 
     def _read_importance(self) -> None:
         if self._importance_due:

@@ -75,13 +75,21 @@ def _fsync_dir(path: str) -> None:
 def write_checkpoint(run_dir: str, step: int, tensors: dict[str, torch.Tensor], state: dict[str, Any],
                      keep: int) -> str:
     """Write a complete checkpoint of `step` atomically and drop all but the newest `keep`; returns its path."""
+    final = checkpoint_dir(run_dir, step)
+    write_state_dir(final, tensors, state, step)
+    for _, old in complete_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def write_state_dir(final: str, tensors: dict[str, torch.Tensor], state: dict[str, Any], step: int) -> None:
+    """Write `final` (tensors, state, completion marker) through a temporary sibling renamed into place."""
     from safetensors.torch import save_file
 
-    root = os.path.join(run_dir, CHECKPOINTS)
+    root = os.path.dirname(final)
     os.makedirs(root, exist_ok=True)
-    final = checkpoint_dir(run_dir, step)
     tmp = os.path.join(root, f".tmp-{os.path.basename(final)}")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a process killed while writing (ours: checkpoints/.tmp-*)
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a process killed while writing it (ours: .tmp-<name>)
     os.makedirs(tmp)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, os.path.join(tmp, TENSORS))
     failpoint("checkpoint", step)
@@ -97,13 +105,10 @@ def write_checkpoint(run_dir: str, step: int, tensors: dict[str, torch.Tensor], 
         fh.flush()
         os.fsync(fh.fileno())
     _fsync_dir(tmp)
-    if os.path.isdir(final):  # an incomplete one (a complete one of this step would have been resumed from)
+    if os.path.isdir(final):  # ours, older: incomplete, or superseded (a Trainer saving the same step again)
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync_dir(root)
-    for _, old in complete_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old)
-    return final
 
 
 def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -126,6 +131,49 @@ def clean_partial(run_dir: str) -> None:
         path = os.path.join(root, name)
         if os.path.isdir(path) and (name.startswith(".tmp-step-") or (_NAME.match(name) and not _complete(path))):
             shutil.rmtree(path)
+
+
+# ---------------------------------------------------------------------------------------------- the model part
+
+MERGED_PREFIX = "merged_delta::"  # tensor names of the merged updates (relative to the original base)
+
+
+def model_tensors(model: torch.nn.Module, trainable: bool = True) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds of a PEFT model beyond its config: the trainable parameters at their
+    current shapes (unless `trainable` is False: a Trainer checkpoint's adapter files hold them), and the
+    base weights merge-strategy growth changed -- exactly, not recomputed -- with the merged updates."""
+    from .surgery import MERGED_DELTA_ATTR, base_weight_name, lora_layers
+
+    params = dict(model.named_parameters())
+    out = {n: p for n, p in params.items() if p.requires_grad} if trainable else {}
+    merged = getattr(model, MERGED_DELTA_ATTR, None) or {}
+    for name, _ in lora_layers(model):
+        if base_weight_name(name) in merged:
+            out[f"{name}.base_layer.weight"] = params[f"{name}.base_layer.weight"]
+    out.update({MERGED_PREFIX + k: v for k, v in merged.items()})
+    return out
+
+
+def restore_model(model: torch.nn.Module, tensors: dict[str, torch.Tensor], ranks: dict[str, int], where: str,
+                  trainable: bool = True) -> None:
+    """Give a freshly built PEFT model (at r0, on the original base) the checkpoint's per-module ranks,
+    merged base weights and merged updates, and -- with `trainable` -- its trainable parameters."""
+    from .surgery import MERGED_DELTA_ATTR, resize_lora
+
+    if ranks:
+        resize_lora(model, ranks)
+    merged = {k[len(MERGED_PREFIX):]: v for k, v in tensors.items() if k.startswith(MERGED_PREFIX)}
+    if merged:
+        setattr(model, MERGED_DELTA_ATTR, merged)
+    params = dict(model.named_parameters())
+    saved = {k: v for k, v in tensors.items() if not k.startswith(MERGED_PREFIX)}
+    missing = sorted(n for n, p in params.items() if trainable and p.requires_grad and n not in saved)
+    unknown = sorted(set(saved) - set(params))
+    if missing or unknown:
+        raise ValueError(f"{where} does not fit the model (missing {missing[:3]}, unknown {unknown[:3]})")
+    with torch.no_grad():
+        for name, value in saved.items():
+            params[name].copy_(value)
 
 
 # ---------------------------------------------------------------------------------------------- RNG states
@@ -174,5 +222,6 @@ def failpoint(name: str, step: int) -> None:
     os.kill(os.getpid(), getattr(signal, parts[3]) if len(parts) > 3 else signal.SIGKILL)
 
 
-__all__ = ["checkpoint_dir", "clean_partial", "complete_checkpoints", "failpoint", "latest_checkpoint",
-           "read_checkpoint", "rng_state", "set_rng_state", "write_checkpoint"]
+__all__ = ["MERGED_PREFIX", "checkpoint_dir", "clean_partial", "complete_checkpoints", "failpoint",
+           "latest_checkpoint", "model_tensors", "read_checkpoint", "restore_model", "rng_state", "set_rng_state",
+           "write_checkpoint", "write_state_dir"]

@@ -88,7 +88,7 @@ def _export(args: argparse.Namespace) -> int:
     from .export import export_adapter
 
     log = export_adapter(args.run_dir, args.out_dir, max_rank=args.max_rank, merged=args.merged,
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, base=args.base)
     if log["format"] == "merged":
         print(f"merged model written to {args.out_dir} (AutoModel*.from_pretrained); "
               f"max abs logit difference to the run model: {log['max_abs_logit_diff']:.2e}")
@@ -144,11 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train in N connected local processes (gloo on CPU, NCCL on GPUs), like torchrun")
     t.set_defaults(func=_train)
     e = sub.add_parser("export", help="write a run as a standard PEFT LoRA adapter relative to the original base")
-    e.add_argument("run_dir", help="a run's output directory (or its model/ directory)")
+    e.add_argument("run_dir", help="a run's output directory (or its model/ directory), or an HF Trainer output or "
+                                   "checkpoint directory trained with AdaRankCallback")
     e.add_argument("out_dir")
     e.add_argument("--max-rank", type=int, help="cap the exported rank per module (SVD truncation; errors logged)")
     e.add_argument("--merged", action="store_true", help="write a full merged model instead of an adapter")
     e.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT_DIR")
+    e.add_argument("--base", help="the base model (hub id or path) of a Trainer directory whose adapter_config.json "
+                                  "does not name it")
     e.set_defaults(func=_export)
     b = sub.add_parser("bench", help="run a grid of methods x seeds from a suite of configs and report it")
     b.add_argument("--suite", default="configs/bench/mrpc_minilm", help="directory of method configs (default: %(default)s)")

@@ -1,4 +1,6 @@
-"""Export a run as a standard PEFT LoRA adapter relative to the *original* base model, or as a merged model.
+"""Export AdaRank-trained LoRA as a standard PEFT LoRA adapter relative to the *original* base model, or as
+a merged model -- from an `adarank train` run directory, from an HF Trainer output or checkpoint trained
+with `AdaRankCallback`, or from a model in memory (`export_model`).
 
 For every adapted module the total update since the original base is
 
@@ -16,7 +18,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -27,6 +29,9 @@ from .surgery import ADAPTER, MERGED_DELTA_ATTR, base_module_name, base_weight_n
 
 RANK_RTOL = 1e-6  # singular values below RANK_RTOL · s_max count as zero
 EXPORT_LOG = "export_log.json"  # written last into every export: also what marks a directory as one
+
+
+# ---------------------------------------------------------------------------------------------- directories
 
 
 def _model_dir(run_dir: str) -> str:
@@ -46,11 +51,11 @@ def _model_dir(run_dir: str) -> str:
                             "head or full save a plain transformers model in model/: load it with from_pretrained)")
 
 
-def _check_target(run_dir: str, out_dir: str, overwrite: bool) -> None:
+def _check_target(run_dir: str | None, out_dir: str, overwrite: bool) -> None:
     """Refuse a target that would destroy what the export did not write: the run itself, a directory that
     contains the run, a non-empty directory (unless `overwrite` and it holds an earlier export)."""
-    run, out = os.path.realpath(run_dir), os.path.realpath(out_dir)
-    if out == run or run.startswith(out.rstrip(os.sep) + os.sep):
+    run, out = os.path.realpath(run_dir) if run_dir else None, os.path.realpath(out_dir)
+    if run is not None and (out == run or run.startswith(out.rstrip(os.sep) + os.sep)):
         raise ValueError(f"export target {out_dir} is {'the run directory' if out == run else 'a directory that contains the run'}; "
                          "choose a new directory")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -93,77 +98,6 @@ def _install(tmp: str, out_dir: str) -> None:
     shutil.rmtree(old)
 
 
-def total_updates(model: Any, adapter: str = ADAPTER) -> dict[str, tuple[torch.Tensor, float]]:
-    """Module name -> (ΔW_total in fp32, scaling) of a loaded run model."""
-    merged = getattr(model, MERGED_DELTA_ATTR, {}) or {}
-    out = {}
-    for name, layer in lora_layers(model, adapter):
-        delta = layer.get_delta_weight(adapter).detach().float().cpu()
-        key = base_weight_name(name)
-        if key in merged:
-            delta = delta + merged[key]
-        out[name] = (delta, float(layer.scaling[adapter]))
-    return out
-
-
-def export_adapter(run_dir: str, out_dir: str, max_rank: int | None = None, merged: bool = False,
-                   overwrite: bool = False) -> dict:
-    """Write a PEFT adapter directory (or, with `merged`, a full merged model) for the run in `run_dir`,
-    verify it against the run model on a fixed random batch, and return the export log. The export is
-    built in a temporary sibling of `out_dir` and renamed; nothing the export did not write is deleted."""
-    if max_rank is not None and max_rank < 1:
-        raise ValueError(f"--max-rank must be >= 1, got {max_rank}")
-    _check_target(run_dir, out_dir, overwrite)
-    model_dir = _model_dir(run_dir)
-    with open(os.path.join(model_dir, "adarank_model.json"), encoding="utf-8") as fh:
-        meta = json.load(fh)
-    run_model, tokenizer = load_run_model(model_dir)
-    run_model.eval()
-    bad = sorted(n for n, p in run_model.named_parameters() if not bool(torch.isfinite(p).all()))
-    if bad:
-        raise ValueError(f"{run_dir}: the run's model has non-finite weights ({', '.join(bad[:3])}"
-                         f"{', ...' if len(bad) > 3 else ''}); nothing exported")
-    if not merged and not any(True for _ in lora_layers(run_model)):
-        raise ValueError(f"{run_dir}: the run's adapter is not LoRA (PEFT AdaLoRA?); its model/adapter directory "
-                         "already loads with PeftModel.from_pretrained, or export it with --merged")
-    parent, name = os.path.split(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    for stale in os.listdir(parent):  # left by an export of this target that was killed while writing
-        if stale.startswith(f".tmp-{name}-") and os.path.isdir(os.path.join(parent, stale)):
-            shutil.rmtree(os.path.join(parent, stale))
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{name}-")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the export's mode
-    try:
-        log = _write_export(run_model, tokenizer, model_dir, meta, tmp, max_rank, merged)
-        _install(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return log
-
-
-def _write_export(run_model: Any, tokenizer: Any, model_dir: str, meta: dict, tmp: str, max_rank: int | None,
-                  merged: bool) -> dict:
-    if merged:
-        log = {"format": "merged", "base_model": meta["base_model"]}
-        run_model.merge_and_unload().save_pretrained(tmp)
-        exported = load_base_model(tmp, meta["num_labels"])[0]
-        run_model, _ = load_run_model(model_dir)  # merge_and_unload folded the adapter into this copy
-    else:
-        exported, log = _build_adapter(run_model, meta, max_rank)
-        exported.save_pretrained(tmp)
-        from peft import PeftModel
-
-        exported = PeftModel.from_pretrained(load_base_model(resolve_model_path(meta["base_model"]), meta["num_labels"])[0], tmp)
-    tokenizer.save_pretrained(tmp)
-    log["max_abs_logit_diff"] = _compare(run_model, exported, meta["seq2seq"], len(tokenizer))
-    log["files"] = _files(tmp)  # what --overwrite may replace later, as long as it is unchanged
-    write_json(os.path.join(tmp, EXPORT_LOG), log)
-    return log
-
-
 def _files(root: str) -> dict[str, list[int]]:
     """Every file under `root` (relative path) -> [size, modification time in ns]: what tells that a file
     is still the one an export wrote (renaming the directory keeps both)."""
@@ -175,12 +109,37 @@ def _files(root: str) -> dict[str, list[int]]:
     return out
 
 
-def _build_adapter(run_model: Any, meta: dict, max_rank: int | None) -> tuple[Any, dict]:
-    from peft import LoraConfig, get_peft_model
+# ---------------------------------------------------------------------------------------------- in memory
 
-    run_cfg = run_model.peft_config[ADAPTER]
+
+def total_updates(model: Any, adapter: str = ADAPTER) -> dict[str, tuple[torch.Tensor, float]]:
+    """Module name -> (ΔW_total in fp32, scaling) of a model trained by AdaRank."""
+    merged = getattr(model, MERGED_DELTA_ATTR, {}) or {}
+    out = {}
+    for name, layer in lora_layers(model, adapter):
+        delta = layer.get_delta_weight(adapter).detach().float().cpu()
+        key = base_weight_name(name)
+        if key in merged:
+            delta = delta + merged[key]
+        out[name] = (delta, float(layer.scaling[adapter]))
+    return out
+
+
+def write_adapter(model: Any, directory: str, max_rank: int | None = None, base_model: str | None = None) -> dict:
+    """Write a PEFT LoRA model trained by AdaRank (in memory; merged updates, per-module and masked ranks
+    included) into `directory` as a standard PEFT adapter of the original base: adapter_config.json and
+    adapter_model.safetensors, the head (modules_to_save) as trained. Returns the export log."""
+    from peft import LoraConfig, get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    if max_rank is not None and max_rank < 1:
+        raise ValueError(f"--max-rank must be >= 1, got {max_rank}")
+    if not any(True for _ in lora_layers(model)):
+        raise ValueError("the model's adapter is not LoRA (PEFT AdaLoRA?): it already saves as a PEFT adapter, or "
+                         "export it with --merged")
+    run_cfg = model.peft_config[ADAPTER]
     factors, modules = {}, {}
-    for name, (delta, scaling) in total_updates(run_model).items():
+    for name, (delta, scaling) in total_updates(model).items():
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         numerical = int((s > RANK_RTOL * s[0]).sum()) if s[0] > 0 else 0
         k = max(1, min(numerical, max_rank) if max_rank else numerical)
@@ -198,22 +157,131 @@ def _build_adapter(run_model: Any, meta: dict, max_rank: int | None) -> tuple[An
         task_type=run_cfg.task_type, modules_to_save=run_cfg.modules_to_save,
         rank_pattern={n: k for n, k in ranks.items() if k != r},
         alpha_pattern={n: a for n, a in alphas.items() if ranks[n] != r},
+        base_model_name_or_path=base_model or run_cfg.base_model_name_or_path,
     )
-    base = load_base_model(resolve_model_path(meta["base_model"]), meta["num_labels"])[0]
-    peft_model = get_peft_model(base, config)
-    layers = dict(lora_layers(peft_model))
-    with torch.no_grad():
-        for name, (a, b, _) in factors.items():
-            layers[name].lora_A[ADAPTER].weight.copy_(a)
-            layers[name].lora_B[ADAPTER].weight.copy_(b)
-        trained = dict(run_model.named_parameters())
-        for pname, p in peft_model.named_parameters():
-            if "modules_to_save" in pname:
-                p.copy_(trained[pname])
-    log = {"format": "peft_lora", "base_model": meta["base_model"], "r": r, "lora_alpha": lora_alpha,
-           "rank_pattern": config.rank_pattern, "modules": modules,
-           "exact": all(m["exact"] for m in modules.values())}
-    return peft_model, log
+    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    for name, (a, b, _) in factors.items():  # the live factors' names, with the total update's factors
+        state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = a.contiguous(), b.contiguous()
+    os.makedirs(directory, exist_ok=True)
+    config.save_pretrained(directory)
+    save_file(state, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
+    return {"format": "peft_lora", "base_model": config.base_model_name_or_path, "r": r, "lora_alpha": lora_alpha,
+            "rank_pattern": config.rank_pattern, "modules": modules, "exact": all(m["exact"] for m in modules.values())}
+
+
+def export_model(model: Any, out_dir: str, max_rank: int | None = None, overwrite: bool = False) -> dict:
+    """Export a model in memory (e.g. `trainer.model` after training with AdaRankCallback) as a standard PEFT
+    adapter of the original base into a new directory `out_dir` (built aside and renamed; `overwrite`
+    replaces only an earlier, unchanged export). Returns the export log."""
+    _check_target(None, out_dir, overwrite)
+    return _into(out_dir, lambda tmp: write_adapter(model, tmp, max_rank))
+
+
+# ---------------------------------------------------------------------------------------------- from a directory
+
+
+def _trainer_source(path: str, base: str | None) -> tuple[Callable[[], Any], dict]:
+    """A Trainer output or checkpoint with a PEFT adapter: (loader of the model, meta). Its adarank/ state,
+    when there, says what merge folded into the base (a checkpoint's adapter is relative to that base)."""
+    from peft import PeftConfig, PeftModel
+    from safetensors.torch import safe_open
+
+    from .checkpoint import read_checkpoint, restore_model
+
+    cfg = PeftConfig.from_pretrained(path)
+    base_path = base or cfg.base_model_name_or_path
+    if not base_path:
+        raise ValueError(f"{path}: adapter_config.json does not name its base model; give it with --base PATH")
+    seq2seq = "SEQ_2_SEQ" in str(cfg.task_type)
+    num_labels = 2
+    weights = os.path.join(path, "adapter_model.safetensors")
+    if not seq2seq and os.path.isfile(weights):
+        with safe_open(weights, "pt") as fh:
+            heads = [k for k in fh.keys() if k.endswith((".classifier.weight", ".score.weight", ".classifier.out_proj.weight"))]
+            num_labels = fh.get_slice(heads[0]).get_shape()[0] if heads else num_labels
+    meta = {"base_model": base_path, "seq2seq": seq2seq, "num_labels": num_labels}
+
+    def load() -> Any:
+        model = PeftModel.from_pretrained(load_base_model(resolve_model_path(base_path), num_labels)[0], path)
+        state_dir = os.path.join(path, "adarank")
+        if os.path.isdir(state_dir):
+            tensors, _ = read_checkpoint(state_dir)
+            restore_model(model, tensors, {}, state_dir, trainable=False)
+        return model
+
+    return load, meta
+
+
+def _source(run_dir: str, base: str | None) -> tuple[Callable[[], Any], Any, dict]:
+    """(loader of the model, tokenizer or None, meta) of an `adarank train` run or a Trainer directory."""
+    from transformers import AutoTokenizer
+
+    if not os.path.isfile(os.path.join(run_dir, "adapter_config.json")):
+        model_dir = _model_dir(run_dir)
+        with open(os.path.join(model_dir, "adarank_model.json"), encoding="utf-8") as fh:
+            meta = json.load(fh)
+        return (lambda: load_run_model(model_dir)[0]), AutoTokenizer.from_pretrained(os.path.join(model_dir, "tokenizer")), meta
+    load, meta = _trainer_source(run_dir, base)
+    has_tokenizer = any(os.path.isfile(os.path.join(run_dir, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+    return load, AutoTokenizer.from_pretrained(run_dir) if has_tokenizer else None, meta
+
+
+def export_adapter(run_dir: str, out_dir: str, max_rank: int | None = None, merged: bool = False,
+                   overwrite: bool = False, base: str | None = None) -> dict:
+    """Write a PEFT adapter directory (or, with `merged`, a full merged model) for the run in `run_dir` -- an
+    `adarank train` run, or a Trainer output or checkpoint directory (`base`: its base model, when its
+    adapter_config.json does not name it) -- verify it against the run model on a fixed random batch, and
+    return the export log. The export is built in a temporary sibling of `out_dir` and renamed; nothing the
+    export did not write is deleted."""
+    if max_rank is not None and max_rank < 1:
+        raise ValueError(f"--max-rank must be >= 1, got {max_rank}")
+    _check_target(run_dir, out_dir, overwrite)
+    load, tokenizer, meta = _source(run_dir, base)
+    run_model = load()
+    run_model.eval()
+    bad = sorted(n for n, p in run_model.named_parameters() if not bool(torch.isfinite(p).all()))
+    if bad:
+        raise ValueError(f"{run_dir}: the run's model has non-finite weights ({', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}); nothing exported")
+
+    def write(tmp: str) -> dict:
+        from peft import PeftModel
+
+        if merged:
+            log = {"format": "merged", "base_model": meta["base_model"]}
+            load().merge_and_unload().save_pretrained(tmp)
+            exported = load_base_model(tmp, meta["num_labels"])[0]
+        else:
+            log = write_adapter(run_model, tmp, max_rank, meta["base_model"])
+            exported = PeftModel.from_pretrained(load_base_model(resolve_model_path(meta["base_model"]), meta["num_labels"])[0], tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        log["max_abs_logit_diff"] = _compare(run_model, exported, meta["seq2seq"], run_model.config.vocab_size)
+        return log
+
+    return _into(out_dir, write)
+
+
+def _into(out_dir: str, write: Callable[[str], dict]) -> dict:
+    """Run `write(tmp)` in a temporary sibling of `out_dir`, add the export log, and rename it into place."""
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    for stale in os.listdir(parent):  # left by an export of this target that was killed while writing
+        if stale.startswith(f".tmp-{name}-") and os.path.isdir(os.path.join(parent, stale)):
+            shutil.rmtree(os.path.join(parent, stale))
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{name}-")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the export's mode
+    try:
+        log = write(tmp)
+        log["files"] = _files(tmp)  # what --overwrite may replace later, as long as it is unchanged
+        write_json(os.path.join(tmp, EXPORT_LOG), log)
+        _install(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return log
 
 
 @torch.no_grad()

@@ -2,10 +2,10 @@
 
     setup -> (resume) -> loop: forward, backward, step; observe; grow or prune; evaluate; checkpoint -> save
 
-The training state is one object, saved and loaded as a unit (`_state`, `_tensors`; the files are described
-in checkpoint.py): a run killed at any step and resumed with `--resume` continues exactly where its last
-checkpoint was, and on CPU in fp32 ends bit-identical to the run that was never stopped. SIGINT and SIGTERM
-finish the current step, write a checkpoint and raise `Interrupted`.
+The training state is one object, saved and loaded as a unit (`_state`, `checkpoint.model_tensors`; the
+files are described in checkpoint.py): a run killed at any step and resumed with `--resume` continues
+exactly where its last checkpoint was, and on CPU in fp32 ends bit-identical to the run that was never
+stopped. SIGINT and SIGTERM finish the current step, write a checkpoint and raise `Interrupted`.
 
 Step losses stay on the device and are synced in one batch at logging and decision steps; one scalar is
 synced every step: whether the loss is finite, since a step with a non-finite loss (or gradient norm) is
@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .checkpoint import clean_partial, failpoint, latest_checkpoint, read_checkpoint, rng_state, set_rng_state, write_checkpoint
+from .checkpoint import (clean_partial, failpoint, latest_checkpoint, model_tensors, read_checkpoint, restore_model,
+                         rng_state, set_rng_state, write_checkpoint)
 from .config import RESUME_MAY_CHANGE, RunConfig, config_differences
 from .controller import RankController, decision_record
 from .data import LengthGroupedBatchSampler, load_split, make_collator, tokenize
@@ -37,11 +38,8 @@ from .modeling import (check_max_length, check_tokenizer, load_base_model, load_
 from .optim import apply_decision, build_optimizer, build_scheduler, restart_schedule
 from .report import JsonlWriter, package_versions, plot_training, write_json, write_yaml
 from .rundir import RunDirError, check_output_dir, clear_run, mark_running, write_marker
-from .surgery import (MERGED_DELTA_ATTR, base_weight_name, count_trainable, get_strategy, lora_layers, lora_ranks,
-                      rank_summary, resize_lora)
+from .surgery import count_trainable, get_strategy, lora_ranks, rank_summary
 from .tasks import get_task
-
-MERGED_PREFIX = "merged_delta::"  # checkpoint tensor names of the merged updates (relative to the original base)
 
 
 class Interrupted(Exception):
@@ -186,19 +184,6 @@ class Run:
         self.signal: int | None = None  # SIGINT/SIGTERM received by this process
         self.last_checkpoint: str | None = None
 
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        """The model part of a checkpoint: the trainable parameters at their current shapes, and the base
-        weights merge-strategy growth changed (exactly, not recomputed) with the merged updates."""
-        raw = self.raw_model
-        params = dict(raw.named_parameters())
-        out = {n: p for n, p in params.items() if p.requires_grad}
-        merged = getattr(raw, MERGED_DELTA_ATTR, None) or {}
-        for name, _ in lora_layers(raw):
-            if base_weight_name(name) in merged:
-                out[f"{name}.base_layer.weight"] = params[f"{name}.base_layer.weight"]
-        out.update({MERGED_PREFIX + k: v for k, v in merged.items()})
-        return out
-
     def _optimizer_param_names(self) -> list[str]:
         names = {id(p): n for n, p in self.raw_model.named_parameters()}
         return [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
@@ -256,23 +241,12 @@ class Run:
 
     def _restore_model(self, model: Any, path: str, tensors: dict, state: dict) -> None:
         """Give the freshly built model the checkpoint's ranks, parameters and merged base weights."""
-        if state["ranks"]:
-            resize_lora(model, state["ranks"])
-        merged = {k[len(MERGED_PREFIX):]: v for k, v in tensors.items() if k.startswith(MERGED_PREFIX)}
-        if merged:
-            setattr(model, MERGED_DELTA_ATTR, merged)
         if "adalora" in state:
             model.peft_config[model.base_model.trainable_adapter_name].rank_pattern = state["adalora"]["rank_pattern"]
-        params = dict(model.named_parameters())
-        saved = {k: v for k, v in tensors.items() if not k.startswith(MERGED_PREFIX)}
-        missing = sorted(n for n, p in params.items() if p.requires_grad and n not in saved)
-        unknown = sorted(set(saved) - set(params))
-        if missing or unknown:
-            raise RunDirError(f"--resume: {path} does not fit the model (missing {missing[:3]}, "
-                              f"unknown {unknown[:3]})")
-        with torch.no_grad():
-            for name, value in saved.items():
-                params[name].copy_(value)
+        try:
+            restore_model(model, tensors, state["ranks"], path)
+        except ValueError as exc:
+            raise RunDirError(f"--resume: {exc}") from None
 
     def _restore_state(self, path: str, state: dict) -> None:
         acc = self.accelerator
@@ -507,8 +481,8 @@ class Run:
         own = self._own_state()
         processes = gather_object([own]) if acc.num_processes > 1 else [own]
         if self.main:
-            self.last_checkpoint = write_checkpoint(self.out, self.step, self._tensors(), self._state(processes),
-                                                    self.cfg.train.keep_checkpoints)
+            self.last_checkpoint = write_checkpoint(self.out, self.step, model_tensors(self.raw_model),
+                                                    self._state(processes), self.cfg.train.keep_checkpoints)
             mark_running(self.out, self.step)
         acc.wait_for_everyone()
         self.checkpoint_time += time.perf_counter() - start
