@@ -1,7 +1,7 @@
 """AdaRank: adaptive-rank LoRA fine-tuning of Hugging Face models.
 
 Start at a small LoRA rank, grow it when the training loss stops improving (merge-and-regrow or expand in
-place), rebuild optimizer and schedule, and keep the model's function unchanged at every growth.
+place), hand the new factors to the optimizer, and keep the model's function unchanged at every growth.
 """
 
 from .config import AdaRankCfg, AdaRankConfig, ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig, load_config

@@ -463,7 +463,7 @@ class Run:
         if not get_strategy(self.cfg.adarank.strategy).keeps_shapes:  # DDP registered the old parameters
             self.model = rewrap_model(self.accelerator, self.model, raw)
         self._update_ranks()
-        seconds = time.perf_counter() - start  # surgery and optimizer/scheduler rebuild
+        seconds = time.perf_counter() - start  # surgery and optimizer re-pointing
         self.decision_time += seconds
         event = {**decision_record(decision), "to_rank": self.rank_max, "rank_mean": self.rank_mean,
                  "seconds": seconds, "param_digests": digests, **details}
