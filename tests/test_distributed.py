@@ -127,9 +127,11 @@ def test_the_callback_in_a_two_process_trainer(tmp_path, strategy):
         return
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:]
     ranks = [read_jsonl(str(tmp_path / f"rank{r}.jsonl")) for r in (0, 1)]
-    assert [r["step"] for r in ranks[0]] == [3, 6, 9] and ranks[0] == ranks[1]
+    assert [(r["step"], r["action"]) for r in ranks[0]] == [(3, "grow"), (6, "grow"), (8, "prune")]
+    assert ranks[0] == ranks[1]  # the same digests, taken by each process itself
+    assert all(r["agreed"] == [r["digest"]] * 2 for r in ranks[0])  # and gathered by the callback's own check
     assert all(r["num_processes"] == 2 and r["wrapped"] == "DistributedDataParallel" for r in ranks[0])
-    assert ranks[0][-1]["rank_mean"] < ranks[0][-1]["to_rank"]  # per-layer: two modules grew at each event
+    assert ranks[0][1]["rank_mean"] < ranks[0][1]["to_rank"]  # per-layer: two modules grew at each event
 
 
 def test_unconnected_and_sharded_launches_are_refused(monkeypatch, tmp_path, config_file, capsys):

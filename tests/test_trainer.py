@@ -83,17 +83,19 @@ def test_the_users_adam_settings_and_decay_groups_survive_growth(tmp_path, bert_
     assert any("lora_A" in n for n in decay) and not any(n.endswith("bias") for n in decay)
 
 
-def test_adafactor_survives_growth_and_keeps_training(tmp_path, bert_tok):
+@pytest.mark.parametrize("strategy", ["merge", "expand", "masked"])
+def test_adafactor_survives_growth_and_keeps_training(tmp_path, bert_tok, strategy):
     """Adafactor's factored second moments cannot be padded: grown factors start fresh, nothing crashes."""
-    trainer, callback, model = trainer_for(tmp_path, bert_tok, "expand", optim="adafactor")
+    trainer, callback, model = trainer_for(tmp_path, bert_tok, strategy, optim="adafactor")
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
     trainer.train()
     assert [e["to_rank"] for e in callback.events] == [4, 6, 8] and held(trainer, model)
     assert type(trainer.optimizer.optimizer).__name__ == "Adafactor"
     assert all(math.isfinite(x) for x in callback.losses)
     after = dict(model.named_parameters())
-    assert all(not torch.equal(before[n][:, :2], after[n][:, :2]) and torch.count_nonzero(after[n][:, 2:]) > 0
-               for n in before)  # old and grown columns of B both trained
+    for n in before:  # every column of B in use trained (merge: the fresh adapter's; masked: none beyond rank 8)
+        assert torch.count_nonzero(after[n][:, :8]) == after[n][:, :8].numel() and not torch.equal(before[n], after[n])
+        assert torch.count_nonzero(after[n][:, 8:]) == 0
 
 
 def test_a_users_own_optimizer_and_scheduler_are_kept(tmp_path, bert_tok):
@@ -136,30 +138,70 @@ def test_a_second_train_call_continues_growing(tmp_path, bert_tok):
 
 
 @pytest.mark.parametrize("seq2seq", [False, True])
-def test_the_controller_sees_the_loss_the_trainer_logs_under_gradient_accumulation(tmp_path, bert_tok, t5_tok, seq2seq):
-    """T5's loss takes num_items_in_batch (normalised over the whole accumulated step), BERT's does not."""
+def test_the_controller_sees_the_same_loss_with_and_without_gradient_accumulation(tmp_path, bert_tok, t5_tok, seq2seq):
+    """2 micro-batches of 4 or one batch of the same 8 examples: the step's loss is the same. BERT's classifier
+    and T5 take **kwargs but their losses ignore num_items_in_batch, so transformers would not divide their
+    losses by the accumulation steps (its own logged loss and gradients would double); a user tells it so, as
+    transformers advises, with model_accepts_loss_kwargs. (A loss that does use it: the next test.)"""
     tok = t5_tok if seq2seq else bert_tok
-    trainer, callback, _ = trainer_for(tmp_path, tok, "expand", seq2seq=seq2seq, gradient_accumulation_steps=2,
-                                       per_device_train_batch_size=4, max_steps=8)
-    if seq2seq:
+    runs = {}
+    for accumulation in (1, 2):
+        trainer, callback, _ = trainer_for(tmp_path / str(accumulation), tok, "expand", seq2seq=seq2seq, max_steps=8,
+                                           gradient_accumulation_steps=accumulation,
+                                           per_device_train_batch_size=8 // accumulation)
         assert trainer.model_accepts_loss_kwargs
-    trainer.train()
-    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert len(callback.losses) == len(logged) == 8
-    assert callback.losses == pytest.approx(logged, rel=1e-5)
+        trainer.model_accepts_loss_kwargs = False
+        trainer.train()
+        runs[accumulation] = callback.losses
+        assert callback.losses == pytest.approx([h["loss"] for h in trainer.state.log_history if "loss" in h], rel=1e-5)
+    # T5: a mean of two micro-batches' token means against one token mean over both, which differ a little
+    # when the micro-batches hold different numbers of target tokens; never by the factor 2
+    assert len(runs[1]) == 8 and runs[2] == pytest.approx(runs[1], rel=1e-2 if seq2seq else 1e-4)
+
+
+def test_a_loss_normalised_by_num_items_in_batch_under_gradient_accumulation(tmp_path):
+    """A LLaMA-style causal LM, whose loss divides by the tokens of the whole accumulated step: sequences of
+    different lengths in 2 micro-batches of 4, or one batch of the same 8, give the controller the same loss."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(3, 64, (int(n),), generator=g).tolist()}
+            for n in torch.randint(4, 20, (64,), generator=g)]
+
+    def collate(batch):
+        width = max(len(r["input_ids"]) for r in batch)
+        ids = torch.tensor([r["input_ids"] + [0] * (width - len(r["input_ids"])) for r in batch])
+        mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in batch])
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+    runs = {}
+    for accumulation in (1, 2):
+        torch.manual_seed(0)
+        llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64))
+        model = get_peft_model(llama, LoraConfig(task_type=TaskType.CAUSAL_LM, r=2, lora_alpha=4,
+                                                 target_modules=["q_proj", "v_proj"]))
+        args = TrainingArguments(output_dir=str(tmp_path / str(accumulation)), per_device_train_batch_size=8 // accumulation,
+                                 gradient_accumulation_steps=accumulation, max_steps=6, learning_rate=1e-2, report_to=[],
+                                 save_strategy="no", logging_steps=1, use_cpu=True, seed=0, remove_unused_columns=False)
+        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate)
+        assert trainer.model_accepts_loss_kwargs
+        callback = AdaRankCallback(AdaRankConfig(**FORCED)).attach(trainer)
+        trainer.train()
+        runs[accumulation] = callback.losses
+    assert len(runs[1]) == 6 and runs[2] == pytest.approx(runs[1], rel=1e-4)
 
 
 def test_importance_is_read_before_clipping(tmp_path, bert_tok):
     """With a clipping norm of 1e-6, clipped gradients would give a total score of at most about 1e-12."""
-    from transformers import Seq2SeqTrainer
-
     trainer, callback, _ = trainer_for(tmp_path, bert_tok, "expand", max_grad_norm=1e-6, max_steps=2)
     callback.config.grow_top_k = 1
     from adarank.importance import ImportanceTracker
 
     callback.importance = ImportanceTracker("grad_norm")
     trainer.train()
-    assert isinstance(trainer, Seq2SeqTrainer) and sum(float(v) for v in callback.importance.scores.values()) > 1e-8
+    assert sum(float(v) for v in callback.importance.scores.values()) > 1e-8
 
 
 def logits(model, tok):
@@ -217,27 +259,61 @@ def test_resume_from_a_trainer_checkpoint_between_growths(tmp_path, bert_tok, st
     assert (logits(model, bert_tok) - logits(ref_model, bert_tok)).abs().max() <= 1e-5
 
 
-def test_load_best_model_at_end_restores_the_best_checkpoints_ranks(tmp_path, bert_tok):
-    """The best checkpoint (lowest eval loss, by construction the first) has rank 4; the model at the end
-    has rank 8 and a changed base (merge): load_best_model_at_end brings back both."""
+@pytest.mark.parametrize("best, rank", [(4, 4), (2, 2)])
+def test_load_best_model_at_end_restores_the_best_checkpoints_ranks_and_base(tmp_path, bert_tok, best, rank):
+    """Merges at 3, 6 and 9 change the base; the model at the end has rank 8. The best checkpoint (by
+    construction the first) is taken after the first merge (step 4) or before any (step 2):
+    load_best_model_at_end brings back its ranks and its base."""
     from transformers import TrainerCallback
 
+    from adarank import lora_ranks
+
     trainer, callback, model = trainer_for(tmp_path, bert_tok, "merge", evaluate=True, save_strategy="steps",
-                                           save_steps=4, eval_strategy="steps", eval_steps=4, load_best_model_at_end=True,
-                                           metric_for_best_model="eval_loss", greater_is_better=False)
+                                           save_steps=best, eval_strategy="steps", eval_steps=best,
+                                           load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                                           greater_is_better=False)
     snapshots = {}
 
-    class Best(TrainerCallback):  # make checkpoint-4 the best, and remember the model there
+    class Best(TrainerCallback):  # make the first checkpoint the best, and remember the model there
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             metrics["eval_loss"] = float(state.global_step)
-            if state.global_step == 4:
+            if state.global_step == best:
                 snapshots["logits"] = logits(model, bert_tok)
                 model.train()
 
     trainer.add_callback(Best())
     trainer.train()
-    assert trainer.state.best_model_checkpoint.endswith("checkpoint-4")
-    from adarank import lora_ranks
-
-    assert set(lora_ranks(model).values()) == {4}
+    assert len(callback.events) == 3 and trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best}")
+    assert set(lora_ranks(model).values()) == {rank}
     assert (logits(model, bert_tok) - snapshots["logits"]).abs().max() <= 1e-5
+    out = tmp_path / "saved"  # and what save_model writes then is that model, on the original base
+    trainer.save_model(str(out))
+    assert (logits(plain_peft(tiny_bert(vocab_size=len(bert_tok)), str(out)), bert_tok) - snapshots["logits"]).abs().max() <= 1e-4
+
+
+def test_resume_with_the_users_own_optimizer(tmp_path, bert_tok):
+    """optimizers=(SGD, LambdaLR): on resume the Trainer keeps that optimizer, which must get the resized
+    factors before the checkpoint's state is loaded into it."""
+    reference, ref_cb, ref_model = trainer_for(tmp_path / "ref", bert_tok, "expand", optimizers=("sgd", None),
+                                               save_strategy="steps", save_steps=4)
+    reference.train()
+    resumed, cb, model = trainer_for(tmp_path / "res", bert_tok, "expand", optimizers=("sgd", None),
+                                     save_strategy="steps", save_steps=4)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "ref" / "t" / "checkpoint-4"))
+    assert held(resumed, model) and [e["to_rank"] for e in cb.events] == [e["to_rank"] for e in ref_cb.events]
+    assert cb.losses == pytest.approx(ref_cb.losses, abs=1e-6)
+    assert (logits(model, bert_tok) - logits(ref_model, bert_tok)).abs().max() <= 1e-5
+
+
+def test_attach_refuses_what_growth_would_fail_on(tmp_path, bert_tok):
+    from transformers import Trainer, TrainingArguments
+
+    model = apply_lora(tiny_bert(vocab_size=len(bert_tok)), False, 4, 8, None, 0.0)
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
+    with pytest.raises(ValueError, match=r"the model's LoRA rank is \[4\] but AdaRankConfig.r0 is 2"):
+        AdaRankCallback(AdaRankConfig(**FORCED)).attach(trainer)
+    from peft import LoraConfig
+
+    model.add_adapter("second", LoraConfig(r=2, target_modules=["query"]))
+    with pytest.raises(ValueError, match="one adapter named 'default'; this model has \\['default', 'second'\\]"):
+        AdaRankCallback(AdaRankConfig(**{**FORCED, "r0": 4})).attach(trainer)

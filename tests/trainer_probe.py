@@ -32,7 +32,8 @@ def main() -> None:
                              logging_strategy="no", use_cpu=True, remove_unused_columns=False, seed=0)
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=make_collator(tok, False))
     callback = AdaRankCallback(AdaRankConfig(r0=2, r_max=8, alpha=2, tol=0.0, check_every=3, warmup_steps=3,
-                                             criterion="threshold", strategy=strategy, grow_top_k=2))
+                                             criterion="threshold", strategy=strategy, grow_top_k=2, prune="rank",
+                                             prune_rank=2, prune_at=0.8))
     callback.attach(trainer)
     records = []
     on_step_end = callback.on_step_end
@@ -42,7 +43,8 @@ def main() -> None:
         result = on_step_end(args, state, control, **kwargs)
         if len(callback.events) > before:
             event = callback.events[-1]
-            records.append({"step": event["step"], "to_rank": event["to_rank"], "rank_mean": event["rank_mean"],
+            records.append({"step": event["step"], "action": event["action"], "to_rank": event["to_rank"],
+                            "rank_mean": event["rank_mean"], "agreed": event["param_digests"],
                             "digest": params_digest(model), "wrapped": type(trainer.model_wrapped).__name__,
                             "num_processes": trainer.accelerator.num_processes})
         return result

@@ -46,8 +46,10 @@ from .controller import RankController, decision_record
 from .importance import ImportanceTracker
 from .checkpoint import model_tensors, read_checkpoint, restore_model, write_state_dir
 from .export import write_adapter
+from .distributed import agree
 from .optim import apply_decision, repoint_optimizer, snapshot_optimizer
-from .surgery import MERGED_DELTA_ATTR, allocate_masked, get_strategy, lora_ranks, rank_summary
+from .surgery import (ADAPTER, FRESH, MERGED_DELTA_ATTR, allocate_masked, factor_names, get_strategy, lora_layers, lora_ranks,
+                      rank_summary)
 
 STATE_DIR = "adarank"  # in Trainer checkpoints and save_model outputs
 
@@ -73,6 +75,7 @@ class AdaRankCallback(TrainerCallback):
             raise ValueError("adarank.rewarmup_steps is our loop's re-warmup (adarank train); with the Trainer the LR "
                              "follows its own lr_scheduler_type across rank changes: set rewarmup_steps to 0")
         self.trainer = trainer
+        self._check_model()
         trainer.add_callback(self)
         if self.config.strategy == "masked":
             snapshot = snapshot_optimizer(self.model, trainer.optimizer) if trainer.optimizer is not None else None
@@ -88,14 +91,9 @@ class AdaRankCallback(TrainerCallback):
             return loss
 
         trainer.training_step = training_step
-        clip = trainer.accelerator.clip_grad_norm_
-
-        def clip_grad_norm_(parameters, max_norm, *args, **kwargs):
-            self._read_importance()
-            return clip(parameters, max_norm, *args, **kwargs)
-
-        trainer.accelerator.clip_grad_norm_ = clip_grad_norm_
+        self._wrap_clip()
         load_checkpoint, load_best, save = trainer._load_from_checkpoint, trainer._load_best_model, trainer.save_model
+        push = trainer._push_from_checkpoint
 
         def _load_from_checkpoint(resume_from_checkpoint, *args, **kwargs):
             self._restore(resume_from_checkpoint, resume=True)
@@ -107,15 +105,56 @@ class AdaRankCallback(TrainerCallback):
 
         def save_model(output_dir=None, _internal_call=False):
             save(output_dir, _internal_call)
-            if not _internal_call and trainer.args.should_save:  # a checkpoint keeps its live adapter (on_save)
+            # a checkpoint (the Trainer's internal save into checkpoint-N) keeps its live adapter; what the user
+            # saves, and what push_to_hub saves into output_dir, gets the adapter of the original base
+            if trainer.args.should_save and (not _internal_call or output_dir is None):
                 out = output_dir if output_dir is not None else trainer.args.output_dir
                 if getattr(self.model, MERGED_DELTA_ATTR, None) or self.config.strategy == "masked":
                     write_adapter(self.model, out)  # merged updates folded in; masked zero rows dropped
                 self.save_state(out, whole=True)
 
+        def _push_from_checkpoint(checkpoint_folder, *args, **kwargs):  # before on_save: add our state first
+            if trainer.args.should_save:
+                self.save_state(checkpoint_folder)
+            return push(checkpoint_folder, *args, **kwargs)
+
         trainer._load_from_checkpoint, trainer._load_best_model = _load_from_checkpoint, _load_best_model
-        trainer.save_model = save_model
+        trainer.save_model, trainer._push_from_checkpoint = save_model, _push_from_checkpoint
         return self
+
+    def _check_model(self) -> None:
+        """At attach, not at the first growth: one LoRA adapter named 'default' at rank r0, and an optimizer
+        passed with optimizers= holding every trainable tensor."""
+        model = self.model
+        adapters = sorted(getattr(model, "peft_config", {}) or {})
+        if adapters != [ADAPTER] or not any(True for _ in lora_layers(model)):
+            raise ValueError(f"AdaRankCallback needs a PEFT LoRA model with one adapter named {ADAPTER!r}; this model "
+                             f"has {adapters or 'none'}")
+        ranks = set(lora_ranks(model).values())
+        if ranks != {self.config.r0}:
+            raise ValueError(f"the model's LoRA rank is {sorted(ranks)} but AdaRankConfig.r0 is {self.config.r0}: "
+                             "set r0 to the rank the model was built with")
+        if self.trainer.optimizer is not None:
+            inner = getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer)
+            held = {id(p) for g in inner.param_groups for p in g["params"]}
+            left = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held and "lora_" in n]
+            if left:
+                raise ValueError(f"the optimizer passed to the Trainer does not hold the LoRA factors {left[:3]}: "
+                                 "build it from the model's trainable parameters")
+
+    def _wrap_clip(self) -> None:
+        """Read importance before the Trainer clips the gradients (again when the Trainer made a new
+        accelerator, as hyperparameter search does)."""
+        acc = self.trainer.accelerator
+        if getattr(acc, "_adarank_wrapped", False):
+            return
+        clip = acc.clip_grad_norm_
+
+        def clip_grad_norm_(parameters, max_norm, *args, **kwargs):
+            self._read_importance()
+            return clip(parameters, max_norm, *args, **kwargs)
+
+        acc.clip_grad_norm_, acc._adarank_wrapped = clip_grad_norm_, True
 
     def save_state(self, directory: str, whole: bool = False) -> str:
         """Write AdaRank's state into `directory`/adarank (atomically). `whole`: the adapter beside it is
@@ -140,7 +179,12 @@ class AdaRankCallback(TrainerCallback):
         if state["adapter"] != "live":
             raise ValueError(f"{directory}: a save_model output (its adapter is relative to the original base); "
                              "resume from a checkpoint-N directory")
+        optimizer = self.trainer.optimizer  # one passed with optimizers=, or kept from an earlier train()
+        snapshot = snapshot_optimizer(self.model, optimizer) if optimizer is not None else None
         restore_model(self.model, tensors, state["ranks"], path, trainable=False)
+        if snapshot is not None:  # it must hold the resized factors; their state comes from the checkpoint
+            repoint_optimizer(optimizer, self.model, snapshot,
+                              {n: FRESH for name, _ in lora_layers(self.model) for n in factor_names(name)})
         if resume:
             self.controller.load_state_dict(state["controller"])
             if self.importance is not None and state["importance"] is not None:
@@ -156,7 +200,8 @@ class AdaRankCallback(TrainerCallback):
 
     def _read_importance(self) -> None:
         if self._importance_due:
-            self.importance.update(self.model)
+            scaler = self.trainer.accelerator.scaler
+            self.importance.update(self.model, scaler.get_scale() if scaler is not None else 1.0)
             self._importance_due = False
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -172,6 +217,7 @@ class AdaRankCallback(TrainerCallback):
                 f"AdaRankCallback in {processes} processes needs adarank.strategy='masked': merge and expand change "
                 "parameter shapes, and the Trainer keeps its DDP-wrapped model for the whole run, which a callback "
                 f"cannot re-wrap (or train with `adarank train --nproc-per-node {processes}`)")
+        self._wrap_clip()
         if state.global_step == 0 and self.controller.last_step > 0:  # a second trainer.train(): start counting again
             _, rank, _ = rank_summary(self.model)
             self.controller = RankController.from_config(dataclasses.replace(self.config, r0=rank))
@@ -193,8 +239,10 @@ class AdaRankCallback(TrainerCallback):
         if decision.action != "hold":
             details = apply_decision(self.model, self.trainer.optimizer, decision, self.config, seed=args.seed,
                                      importance=self.importance)
+            digests = agree(acc, self.model, f"the rank change at step {decision.step}")
             _, rank_max, rank_mean = rank_summary(self.model)
-            self.events.append({**decision_record(decision), "to_rank": rank_max, "rank_mean": rank_mean, **details})
+            self.events.append({**decision_record(decision), "to_rank": rank_max, "rank_mean": rank_mean,
+                                "param_digests": digests, **details})
         if self.importance is not None and self.controller.is_check_step(state.global_step):
             self.importance.reset()
         return control

@@ -156,24 +156,32 @@ def model_tensors(model: torch.nn.Module, trainable: bool = True) -> dict[str, t
 
 def restore_model(model: torch.nn.Module, tensors: dict[str, torch.Tensor], ranks: dict[str, int], where: str,
                   trainable: bool = True) -> None:
-    """Give a freshly built PEFT model (at r0, on the original base) the checkpoint's per-module ranks,
-    merged base weights and merged updates, and -- with `trainable` -- its trainable parameters."""
-    from .surgery import MERGED_DELTA_ATTR, resize_lora
+    """Give a PEFT model the checkpoint's per-module ranks, merged base weights and merged updates, and --
+    with `trainable` -- its trainable parameters. The model is freshly built (at r0, on the original base),
+    or one that trained on (a Trainer loading its best checkpoint): then a base weight merged since the
+    checkpoint goes back to its original value."""
+    from .surgery import MERGED_DELTA_ATTR, ORIGINAL_ATTR, base_weight_name, lora_layers, resize_lora
 
     if ranks:
         resize_lora(model, ranks)
-    merged = {k[len(MERGED_PREFIX):]: v for k, v in tensors.items() if k.startswith(MERGED_PREFIX)}
-    if merged:
-        setattr(model, MERGED_DELTA_ATTR, merged)
     params = dict(model.named_parameters())
     saved = {k: v for k, v in tensors.items() if not k.startswith(MERGED_PREFIX)}
     missing = sorted(n for n, p in params.items() if trainable and p.requires_grad and n not in saved)
     unknown = sorted(set(saved) - set(params))
     if missing or unknown:
         raise ValueError(f"{where} does not fit the model (missing {missing[:3]}, unknown {unknown[:3]})")
+    originals = model.__dict__.setdefault(ORIGINAL_ATTR, {})
     with torch.no_grad():
+        for name, _ in lora_layers(model):
+            key, weight = base_weight_name(name), f"{name}.base_layer.weight"
+            if weight in saved and key not in originals:  # not merged in this model yet: it is the original
+                originals[key] = params[weight].detach().cpu().clone()
+            elif weight not in saved and key in originals:  # merged here since the checkpoint was taken
+                params[weight].copy_(originals[key])
         for name, value in saved.items():
             params[name].copy_(value)
+    setattr(model, MERGED_DELTA_ATTR, {k[len(MERGED_PREFIX):]: v for k, v in tensors.items()
+                                       if k.startswith(MERGED_PREFIX)})
 
 
 # ---------------------------------------------------------------------------------------------- RNG states

@@ -13,6 +13,7 @@ factored by SVD: B = U_k √(S_k/s), A = √(S_k/s) V_kᵀ. k is the numerical r
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ import torch
 from .modeling import load_base_model, load_run_model, resolve_model_path
 from .report import write_json
 from .rundir import describe, read_marker
-from .surgery import ADAPTER, MERGED_DELTA_ATTR, base_module_name, base_weight_name, lora_layers, svd_factors
+from .surgery import ADAPTER, MERGED_DELTA_ATTR, base_module_name, base_weight_name, lora_layers, lora_svd, svd_factors
 
 RANK_RTOL = 1e-6  # singular values below RANK_RTOL · s_max count as zero
 EXPORT_LOG = "export_log.json"  # written last into every export: also what marks a directory as one
@@ -112,24 +113,11 @@ def _files(root: str) -> dict[str, list[int]]:
 # ---------------------------------------------------------------------------------------------- in memory
 
 
-def total_updates(model: Any, adapter: str = ADAPTER) -> dict[str, tuple[torch.Tensor, float]]:
-    """Module name -> (ΔW_total in fp32, scaling) of a model trained by AdaRank."""
-    merged = getattr(model, MERGED_DELTA_ATTR, {}) or {}
-    out = {}
-    for name, layer in lora_layers(model, adapter):
-        delta = layer.get_delta_weight(adapter).detach().float().cpu()
-        key = base_weight_name(name)
-        if key in merged:
-            delta = delta + merged[key]
-        out[name] = (delta, float(layer.scaling[adapter]))
-    return out
-
-
 def write_adapter(model: Any, directory: str, max_rank: int | None = None, base_model: str | None = None) -> dict:
     """Write a PEFT LoRA model trained by AdaRank (in memory; merged updates, per-module and masked ranks
     included) into `directory` as a standard PEFT adapter of the original base: adapter_config.json and
     adapter_model.safetensors, the head (modules_to_save) as trained. Returns the export log."""
-    from peft import LoraConfig, get_peft_model_state_dict
+    from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     if max_rank is not None and max_rank < 1:
@@ -138,9 +126,15 @@ def write_adapter(model: Any, directory: str, max_rank: int | None = None, base_
         raise ValueError("the model's adapter is not LoRA (PEFT AdaLoRA?): it already saves as a PEFT adapter, or "
                          "export it with --merged")
     run_cfg = model.peft_config[ADAPTER]
+    merged = getattr(model, MERGED_DELTA_ATTR, None) or {}
     factors, modules = {}, {}
-    for name, (delta, scaling) in total_updates(model).items():
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    for name, layer in lora_layers(model):
+        scaling, key = float(layer.scaling[ADAPTER]), base_weight_name(name)
+        if key in merged:  # the live update plus the merged ones, dense: its SVD
+            delta = layer.get_delta_weight(ADAPTER).detach().float().cpu() + merged[key]
+            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        else:  # the live factors alone: the same SVD from two thin QRs, never the dense out x in matrix
+            u, s, vh = (t.cpu() for t in lora_svd(layer))
         numerical = int((s > RANK_RTOL * s[0]).sum()) if s[0] > 0 else 0
         k = max(1, min(numerical, max_rank) if max_rank else numerical)
         factors[name] = (*svd_factors(u, s, vh, k, scaling), scaling)
@@ -152,13 +146,12 @@ def write_adapter(model: Any, directory: str, max_rank: int | None = None, base_
     alphas = {base_module_name(n): f[2] * f[0].shape[0] for n, f in factors.items()}
     r = Counter(ranks.values()).most_common(1)[0][0]
     lora_alpha = next(a for n, a in alphas.items() if ranks[n] == r)
-    config = LoraConfig(
-        r=r, lora_alpha=lora_alpha, target_modules=sorted(run_cfg.target_modules), lora_dropout=run_cfg.lora_dropout,
-        task_type=run_cfg.task_type, modules_to_save=run_cfg.modules_to_save,
-        rank_pattern={n: k for n, k in ranks.items() if k != r},
-        alpha_pattern={n: a for n, a in alphas.items() if ranks[n] != r},
-        base_model_name_or_path=base_model or run_cfg.base_model_name_or_path,
-    )
+    config = copy.deepcopy(run_cfg)  # everything the user set (targets, bias, layers...), with the exported ranks
+    config.r, config.lora_alpha = r, lora_alpha
+    config.rank_pattern = {n: k for n, k in ranks.items() if k != r}
+    config.alpha_pattern = {n: a for n, a in alphas.items() if ranks[n] != r}
+    config.base_model_name_or_path = base_model or run_cfg.base_model_name_or_path
+    config.inference_mode = True
     state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
     for name, (a, b, _) in factors.items():  # the live factors' names, with the total update's factors
         state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = a.contiguous(), b.contiguous()

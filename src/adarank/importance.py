@@ -23,17 +23,20 @@ class ImportanceTracker:
         self.scores: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Add this step's scores; call after backward, before the optimizer step (and before clipping)."""
+    def update(self, model: nn.Module, grad_scale: float = 1.0) -> None:
+        """Add this step's scores; call after backward, before the optimizer step (and before clipping).
+        `grad_scale`: the fp16 GradScaler's scale the gradients still carry; a step whose scores are not
+        finite (the scaler will skip it) adds nothing."""
         for name, layer in lora_layers(model, self.adapter):
             score = None
             for p in (layer.lora_A[self.adapter].weight, layer.lora_B[self.adapter].weight):
                 if p.grad is None:
                     continue
-                g = p.grad.float()
+                g = p.grad.float() / grad_scale
                 s = g.pow(2).sum() if self.kind == "grad_norm" else (p.float() * g).abs().sum()
                 score = s if score is None else score + s
             if score is not None:
+                score = torch.where(torch.isfinite(score), score, torch.zeros_like(score))  # no host sync
                 self.scores[name] = self.scores[name] + score if name in self.scores else score
 
     def top(self, k: int, candidates: list[str]) -> list[str]:

@@ -10,10 +10,12 @@ from `args.optim` (fused AdamW, Adafactor, 8-bit, ...), or an optimizer the user
 that holds it stays valid: Accelerate's wrapper and GradScaler, the LR scheduler, the Trainer and its
 callback handler. The state of each parameter, as `grow_lora` says:
 
-- KEPT (a parameter surgery did not replace, the head, the masked strategy's in-place growth): unchanged;
-- GROWN (`expand`): tensors of the parameter's old shape (Adam's moments) are zero-padded for the new rows
-  of A and columns of B, the step count is kept; state of any other shape (Adafactor's factored moments,
-  8-bit quantization maps) cannot be padded, so that parameter starts fresh;
+- KEPT (a parameter surgery did not replace, the head): unchanged;
+- GROWN (`expand`, and `masked`, whose activated rows are the new entries): gradient moments (Adam's,
+  SGD's momentum, ...) are zero-padded for the new rows of A and columns of B -- masked's inactive rows
+  hold zero moments already -- and the step count is kept; any other state (Adafactor's factored moments,
+  8-bit quantization maps, schedule-free's weight copies) would be wrong padded, so that parameter starts
+  fresh;
 - FRESH (`merge`'s new adapter, and every LoRA factor after a prune, whose coordinates the SVD changed):
   no state -- the optimizer initialises it at the next step, as for a new parameter.
 
@@ -93,14 +95,21 @@ def snapshot_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> di
     return {n: (p, inner.state.get(p, {})) for n, p in model.named_parameters() if p.requires_grad}
 
 
+# Per-parameter state of torch's optimizers that accumulates gradients, so that a new entry's right value is
+# 0: Adam/AdamW/Adamax/NAdam/RAdam moments, AMSGrad's max, SGD momentum, RMSprop, Adagrad, Adadelta.
+MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "momentum_buffer", "square_avg", "grad_avg",
+           "sum", "acc_delta", "mu_product")
+
+
 def _padded(state: dict, old: nn.Parameter, new: nn.Parameter) -> dict | None:
-    """`state` for `new` (old's shape grown): tensors of old's shape zero-padded, 0-d tensors and numbers
-    kept; None when some state has another shape (it cannot be padded)."""
+    """`state` for `new` (old's shape grown, or old itself with rows activated): moments zero-padded, 0-d
+    tensors and numbers (the step) kept; None when some state is anything else -- factored (Adafactor),
+    quantized (8-bit), a copy of the weights (schedule-free) -- which zero padding would get wrong."""
     if new.ndim != old.ndim or any(a < b for a, b in zip(new.shape, old.shape)):
         return None
     out = {}
     for key, value in state.items():
-        if torch.is_tensor(value) and value.shape == old.shape:
+        if torch.is_tensor(value) and value.shape == old.shape and key in MOMENTS:
             padded = torch.zeros_like(new, dtype=value.dtype)
             padded[tuple(slice(0, s) for s in old.shape)] = value
             out[key] = padded
@@ -119,19 +128,14 @@ def repoint_optimizer(optimizer: Any, model: nn.Module, snapshot: dict[str, tupl
     inner = getattr(optimizer, "optimizer", optimizer)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     name_of = {id(old): n for n, (old, _) in snapshot.items()}
-    placed = set()
     for group in inner.param_groups:
         kept = []
         for old in group["params"]:
             name = name_of.get(id(old))
             if name in params:
                 kept.append(params[name])
-                placed.add(name)
         group["params"] = kept
-    missing = sorted(set(params) - placed)
-    if missing:  # our surgery keeps every name; a parameter new to the model has no group to inherit
-        raise ValueError(f"trainable parameters the optimizer never held: {missing[:3]}")
-    for name, new in params.items():
+    for name, new in params.items():  # (a trainable parameter the optimizer never held stays out of it)
         old, state = snapshot.get(name, (new, {}))
         fate = fates.get(name, KEPT)
         if fate == KEPT and new is old:

@@ -5,7 +5,7 @@ the optimizer must do with the layer's factors; `keeps_shapes`):
 
     merge:   W <- W + B·A·s ;  A' ~ kaiming (r' x in),  B' = 0 (out x r')     a fresh adapter     (state: fresh)
     expand:  A' = [A ; A_new] (r' x in),  B' = [B | 0] (out x r')            one adapter, grown   (state: padded)
-    masked:  A, B allocated at r_max from the start; rows of A and columns   shapes never change  (state: kept)
+    masked:  A, B allocated at r_max from the start; rows of A and columns   shapes never change  (state: moments kept)
              of B beyond the active rank r are zero. Growth writes random rows A[r:r'] (B[:, r:r'] stays 0).
 
 Why masked is exact: a zero row A[j] and a zero column B[:, j] give each other zero gradients (∂L/∂B[:, j]
@@ -29,6 +29,7 @@ from torch import nn
 
 ADAPTER = "default"
 MERGED_DELTA_ATTR = "adarank_merged_delta"
+ORIGINAL_ATTR = "adarank_original_weight"  # base weights as they were before their first merge (CPU copies)
 ACTIVE_ATTR = "adarank_active_r"  # on a masked layer: {adapter: active rank} (its PEFT `r` is the allocated r_max)
 
 # What the optimizer does with a layer's factors after surgery (optim.repoint_optimizer)
@@ -101,12 +102,14 @@ class Merge:
     name, keeps_shapes = "merge", False
 
     def grow(self, name: str, layer: nn.Module, rank: int, gen: torch.Generator | None, merged: dict,
-             adapter: str) -> str:
+             adapter: str, originals: dict) -> str:
         delta = layer.get_delta_weight(adapter)
         base = layer.get_base_layer().weight
+        key = base_weight_name(name)
+        if key not in originals:  # so that a checkpoint from before this merge can be restored exactly
+            originals[key] = base.detach().cpu().clone()
         with torch.no_grad():
             base.add_(delta.to(base.dtype))
-        key = base_weight_name(name)
         d32 = delta.detach().float().cpu()
         merged[key] = merged[key] + d32 if key in merged else d32
         set_lora_factors(layer, _new_a(rank, layer.in_features, gen), torch.zeros(layer.out_features, rank),
@@ -120,7 +123,7 @@ class Expand:
     name, keeps_shapes = "expand", False
 
     def grow(self, name: str, layer: nn.Module, rank: int, gen: torch.Generator | None, merged: dict,
-             adapter: str) -> str:
+             adapter: str, originals: dict) -> str:
         old = int(layer.r[adapter])
         a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
         new_a = torch.cat([a.detach().float().cpu(), _new_a(rank - old, layer.in_features, gen)])
@@ -135,7 +138,7 @@ class Masked:
     name, keeps_shapes = "masked", True
 
     def grow(self, name: str, layer: nn.Module, rank: int, gen: torch.Generator | None, merged: dict,
-             adapter: str) -> str:
+             adapter: str, originals: dict) -> str:
         if not is_masked(layer, adapter):
             raise ValueError(f"{name}: strategy masked needs adapters allocated at r_max first (allocate_masked)")
         old, allocated = active_rank(layer, adapter), int(layer.r[adapter])
@@ -145,7 +148,7 @@ class Masked:
         with torch.no_grad():
             a[old:rank] = _new_a(rank - old, layer.in_features, gen).to(a.dtype)
         getattr(layer, ACTIVE_ATTR)[adapter] = rank
-        return KEPT
+        return GROWN  # same tensors, but state that is not a moment (factored, weight copies) starts fresh
 
 
 STRATEGIES = {s.name: s for s in (Merge(), Expand(), Masked())}
@@ -185,6 +188,7 @@ def grow_lora(
     if merged is None:
         merged = {}
         setattr(model, MERGED_DELTA_ATTR, merged)
+    originals = model.__dict__.setdefault(ORIGINAL_ATTR, {})
     fates = {}
     for name, layer in layers:
         old_rank, rank = active_rank(layer, adapter), targets.get(name)
@@ -195,7 +199,7 @@ def grow_lora(
         _check_plain(name, layer, adapter)
         if is_masked(layer, adapter) and grower.name != "masked":
             raise ValueError(f"{name}: the adapter is allocated for masked growth; grow it with strategy masked")
-        fate = grower.grow(name, layer, rank, gen, merged, adapter)
+        fate = grower.grow(name, layer, rank, gen, merged, adapter, originals)
         fates.update(dict.fromkeys(factor_names(name, adapter), fate))
     _sync_peft_config(model, adapter, layers)
     return fates

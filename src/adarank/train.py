@@ -377,8 +377,8 @@ class Run:
         self.pending.append(loss)
         bad = process_max(acc, not bool(torch.isfinite(loss)))[0] > 0  # every process skips, or none
         if not bad:
-            if self.importance is not None:  # before clipping
-                self.importance.update(self.raw_model)
+            if self.importance is not None:  # before clipping (and before unscaling, under fp16)
+                self.importance.update(self.raw_model, acc.scaler.get_scale() if acc.scaler is not None else 1.0)
             if tc.max_grad_norm > 0:
                 norm = acc.clip_grad_norm_(self.model.parameters(), tc.max_grad_norm)
             elif acc.scaler is None:
