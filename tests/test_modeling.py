@@ -27,7 +27,7 @@ def test_unreachable_model_gives_a_clear_error(tmp_path):
 
 
 def test_target_modules_matching_nothing_list_what_exists():
-    with pytest.raises(ModelError, match=r"adarank\.target_modules: \['q'\] match no Linear module.*'query'"):
+    with pytest.raises(ModelError, match=r"adarank\.target_modules: \['q'\] match no Linear \(or Conv1D\) module.*'query'"):
         apply_lora(tiny_bert(), False, 4, 8, ["q", "value"], 0.0)
 
 

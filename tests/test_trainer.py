@@ -315,5 +315,5 @@ def test_attach_refuses_what_growth_would_fail_on(tmp_path, bert_tok):
     from peft import LoraConfig
 
     model.add_adapter("second", LoraConfig(r=2, target_modules=["query"]))
-    with pytest.raises(ValueError, match="one adapter named 'default'; this model has \\['default', 'second'\\]"):
+    with pytest.raises(ValueError, match="one LoRA adapter named 'default'; the model has \\['default', 'second'\\]"):
         AdaRankCallback(AdaRankConfig(**{**FORCED, "r0": 4})).attach(trainer)

@@ -48,8 +48,8 @@ from .checkpoint import model_tensors, read_checkpoint, restore_model, write_sta
 from .export import write_adapter
 from .distributed import agree
 from .optim import apply_decision, repoint_optimizer, snapshot_optimizer
-from .surgery import (ADAPTER, FRESH, MERGED_DELTA_ATTR, allocate_masked, factor_names, get_strategy, lora_layers, lora_ranks,
-                      rank_summary)
+from .surgery import (FRESH, MERGED_DELTA_ATTR, allocate_masked, check_growable, factor_names, get_strategy, lora_layers,
+                      lora_ranks, rank_summary)
 
 STATE_DIR = "adarank"  # in Trainer checkpoints and save_model outputs
 
@@ -123,13 +123,13 @@ class AdaRankCallback(TrainerCallback):
         return self
 
     def _check_model(self) -> None:
-        """At attach, not at the first growth: one LoRA adapter named 'default' at rank r0, and an optimizer
-        passed with optimizers= holding every trainable tensor."""
+        """At attach, not at the first growth: what growth could not do exactly (`surgery.check_growable`), a
+        rank other than r0, and an optimizer passed with optimizers= that does not hold the LoRA factors."""
         model = self.model
-        adapters = sorted(getattr(model, "peft_config", {}) or {})
-        if adapters != [ADAPTER] or not any(True for _ in lora_layers(model)):
-            raise ValueError(f"AdaRankCallback needs a PEFT LoRA model with one adapter named {ADAPTER!r}; this model "
-                             f"has {adapters or 'none'}")
+        try:
+            check_growable(model, self.config.strategy)
+        except ValueError as exc:
+            raise ValueError(f"AdaRankCallback: {exc}") from None
         ranks = set(lora_ranks(model).values())
         if ranks != {self.config.r0}:
             raise ValueError(f"the model's LoRA rank is {sorted(ranks)} but AdaRankConfig.r0 is {self.config.r0}: "

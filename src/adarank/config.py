@@ -47,10 +47,12 @@ class AdaRankConfig:
         (A random, B zero); "expand" - append rows to A (random) and columns to B (zero) in place;
         "masked" - A and B allocated at r_max, the rows beyond the active rank zero: growth writes random
         rows of A and no tensor changes shape (for DDP in the HF Trainer, at the memory of r_max).
-    lora_alpha_ratio: lora_alpha = ratio · r, so scaling = lora_alpha / r stays constant across growth.
+    lora_alpha_ratio: lora_alpha = ratio · r (rsLoRA: ratio · √r), so the scaling stays constant across growth.
     target_modules: module names to adapt; None = the default for the architecture (T5: q, v; BERT-like:
         query, value).
     lora_dropout: dropout on the LoRA input.
+    use_rslora, use_dora: PEFT's rank-stabilised scaling (lora_alpha / √r; growth keeps it exact) and DoRA
+        (with strategy expand or masked only).
     cooldown_steps: minimum optimizer steps between two growths.
     rewarmup_steps: after a growth the LR ramps linearly from 0 back to the global schedule over this many
         steps (0 = continue the global schedule at once).
@@ -78,6 +80,8 @@ class AdaRankConfig:
     lora_alpha_ratio: float = 2.0
     target_modules: list[str] | None = None
     lora_dropout: float = 0.0
+    use_rslora: bool = False
+    use_dora: bool = False
     cooldown_steps: int = 0
     rewarmup_steps: int = 0
     grow_top_k: int | None = None
@@ -102,6 +106,9 @@ class AdaRankConfig:
         _check_int(self, "rewarmup_steps", minimum=0)
         _check_number(self, "lora_alpha_ratio", minimum=0.0, strict=True)
         _check_number(self, "lora_dropout", minimum=0.0, below=1.0)
+        for name in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"adarank.{name} must be true or false, got {getattr(self, name)!r}")
         if self.criterion not in CRITERIA:
             raise ConfigError(f"adarank.criterion must be one of {list(CRITERIA)}, got {self.criterion!r}")
         if self.strategy not in STRATEGIES:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -132,6 +133,8 @@ def write_adapter(model: Any, directory: str, max_rank: int | None = None, base_
         scaling, key = float(layer.scaling[ADAPTER]), base_weight_name(name)
         if key in merged:  # the live update plus the merged ones, dense: its SVD
             delta = layer.get_delta_weight(ADAPTER).detach().float().cpu() + merged[key]
+            if layer.fan_in_fan_out:  # (Conv1D) both are stored as the base weight is, in x out
+                delta = delta.T
             u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         else:  # the live factors alone: the same SVD from two thin QRs, never the dense out x in matrix
             u, s, vh = (t.cpu() for t in lora_svd(layer))
@@ -143,7 +146,8 @@ def write_adapter(model: Any, directory: str, max_rank: int | None = None, base_
         modules[name] = {"numerical_rank": numerical, "exported_rank": k, "exact": k >= numerical,
                          "frobenius_error": err, "relative_error": err / norm if norm else 0.0}
     ranks = {base_module_name(n): f[0].shape[0] for n, f in factors.items()}
-    alphas = {base_module_name(n): f[2] * f[0].shape[0] for n, f in factors.items()}
+    root = math.sqrt if run_cfg.use_rslora else (lambda k: k)  # rsLoRA: scaling = lora_alpha / √r
+    alphas = {base_module_name(n): f[2] * root(f[0].shape[0]) for n, f in factors.items()}
     r = Counter(ranks.values()).most_common(1)[0][0]
     lora_alpha = next(a for n, a in alphas.items() if ranks[n] == r)
     config = copy.deepcopy(run_cfg)  # everything the user set (targets, bias, layers...), with the exported ranks

@@ -121,8 +121,13 @@ def load_base_model(path: str, num_labels: int, config: Any = None) -> tuple[nn.
         raise ModelError(_cannot_load(path, exc)) from None
 
 
+def _growable(module: nn.Module) -> bool:
+    """A layer LoRA rank surgery handles: nn.Linear, or GPT-2's Conv1D (a Linear stored in x out)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
 def linear_module_names(model: nn.Module) -> list[str]:
-    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _growable(m)})
 
 
 def resolve_targets(model: nn.Module, targets: list[str] | None) -> list[str]:
@@ -131,10 +136,11 @@ def resolve_targets(model: nn.Module, targets: list[str] | None) -> list[str]:
         if mtype not in DEFAULT_TARGETS:
             raise ModelError(f"adarank.target_modules: no default for model type {mtype!r}; set it (Linear modules: {linear_module_names(model)})")
         targets = DEFAULT_TARGETS[mtype]
-    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    names = set(linear_module_names(model))
     missing = [t for t in targets if t not in names]
     if missing:
-        raise ModelError(f"adarank.target_modules: {missing} match no Linear module; the model has: {sorted(names)}")
+        raise ModelError(f"adarank.target_modules: {missing} match no Linear (or Conv1D) module; the model has: "
+                         f"{sorted(names)}")
     return list(targets)
 
 
@@ -152,12 +158,15 @@ def _peft_task(model: nn.Module, seq2seq: bool) -> dict[str, Any]:
     return {"task_type": TaskType.SEQ_CLS, "modules_to_save": head_names(model) or None}
 
 
-def apply_lora(model: nn.Module, seq2seq: bool, r: int, lora_alpha: float, targets: list[str] | None, dropout: float) -> nn.Module:
-    """PEFT LoRA on `targets`; for classifiers the head is trained too (PEFT's modules_to_save)."""
+def apply_lora(model: nn.Module, seq2seq: bool, r: int, lora_alpha: float, targets: list[str] | None, dropout: float,
+               **options: Any) -> nn.Module:
+    """PEFT LoRA on `targets`; for classifiers the head is trained too (PEFT's modules_to_save). `options`:
+    further LoraConfig fields (use_rslora, use_dora)."""
     from peft import LoraConfig, get_peft_model
 
     targets = resolve_targets(model, targets)
-    cfg = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=targets, lora_dropout=dropout, **_peft_task(model, seq2seq))
+    cfg = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=targets, lora_dropout=dropout,
+                     **_peft_task(model, seq2seq), **options)
     return get_peft_model(model, cfg)
 
 
@@ -183,7 +192,9 @@ def prepare_model(model: nn.Module, seq2seq: bool, cfg: Any, total_steps: int) -
     """The base model made ready for `cfg.method.name` (see `MethodConfig`)."""
     method, ac = cfg.method.name, cfg.adarank
     if method in ("adarank", "lora"):
-        model = apply_lora(model, seq2seq, ac.r0, ac.lora_alpha_ratio * ac.r0, ac.target_modules, ac.lora_dropout)
+        alpha = ac.lora_alpha_ratio * (ac.r0 ** 0.5 if ac.use_rslora else ac.r0)  # a scaling of lora_alpha_ratio
+        model = apply_lora(model, seq2seq, ac.r0, alpha, ac.target_modules, ac.lora_dropout, use_rslora=ac.use_rslora,
+                           use_dora=ac.use_dora)
         if method == "adarank" and ac.strategy == "masked":
             allocate_masked(model, ac.r_max)
         return model

@@ -196,7 +196,9 @@ def grow_lora(
             continue
         if rank < old_rank:
             raise ValueError(f"{name}: new rank {rank} is below the current rank {old_rank}; use prune_lora to shrink")
-        _check_plain(name, layer, adapter)
+        problem = growth_problem(name, layer, grower.name, adapter)
+        if problem:
+            raise NotImplementedError(problem)
         if is_masked(layer, adapter) and grower.name != "masked":
             raise ValueError(f"{name}: the adapter is allocated for masked growth; grow it with strategy masked")
         fate = grower.grow(name, layer, rank, gen, merged, adapter, originals)
@@ -213,7 +215,6 @@ def allocate_masked(model: nn.Module, r_max: int, adapter: str = ADAPTER) -> Non
     for name, layer in layers:
         if is_masked(layer, adapter):
             continue
-        _check_plain(name, layer, adapter)
         rank = int(layer.r[adapter])
         if rank > r_max:
             raise ValueError(f"{name}: rank {rank} exceeds r_max {r_max}")
@@ -240,44 +241,95 @@ def resize_lora(model: nn.Module, ranks: dict[str, int], adapter: str = ADAPTER)
         if is_masked(layer, adapter):
             getattr(layer, ACTIVE_ATTR)[adapter] = rank
             continue
-        _check_plain(name, layer, adapter)
         set_lora_factors(layer, torch.zeros(rank, layer.in_features), torch.zeros(layer.out_features, rank),
                          float(layer.scaling[adapter]), adapter)
     _sync_peft_config(model, adapter, layers)
 
 
-def _check_plain(name: str, layer: nn.Module, adapter: str) -> None:
-    if not isinstance(layer.get_base_layer(), nn.Linear) or layer.use_dora.get(adapter, False):
-        raise NotImplementedError(f"{name}: rank surgery supports plain LoRA on nn.Linear only")
-    if layer.use_rslora.get(adapter, False):
-        raise NotImplementedError(f"{name}: rank surgery with use_rslora is not supported (scaling depends on r)")
+GROWABLE_BASES = ("Linear", "Conv1D", "Linear8bitLt", "Linear4bit")  # nn.Linear, GPT-2's Conv1D, bitsandbytes
+
+
+def growth_problem(name: str, layer: nn.Module, strategy: str, adapter: str = ADAPTER) -> str | None:
+    """Why growth under `strategy` could not keep this LoRA layer's function exactly (None: it can).
+    rsLoRA, fan_in_fan_out (Conv1D), DoRA and lora_bias are handled; DoRA and lora_bias only where the
+    update B·A is extended rather than folded into the base (expand, masked)."""
+    kind = type(layer.get_base_layer()).__name__
+    if kind not in GROWABLE_BASES:
+        return f"{name}: a LoRA layer on {kind} (rank surgery handles Linear, Conv1D and bitsandbytes Linear layers)"
+    if getattr(layer, "merged", False):
+        return f"{name}: its adapter is merged into the base weight (merge_adapter()); unmerge it first"
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    if variant is not None and not layer.use_dora.get(adapter, False):
+        return f"{name}: LoRA variant {type(variant).__name__} (growth keeps the function of plain LoRA and DoRA only)"
+    if strategy == "merge":
+        if kind in ("Linear8bitLt", "Linear4bit"):
+            return f"{name}: strategy merge on a quantized ({kind}) base weight; use expand or masked"
+        if layer.use_dora.get(adapter, False):
+            return f"{name}: DoRA with strategy merge (DoRA's weight norm does not fold into the base); use expand or masked"
+        if layer.lora_bias.get(adapter, False):
+            return f"{name}: lora_bias with strategy merge; use expand or masked"
+    return None
+
+
+def check_growable(model: nn.Module, strategy: str, adapter: str = ADAPTER) -> None:
+    """Refuse, before any step, a model whose rank surgery could not keep its function: one LoRA adapter
+    named 'default' and active, on layers `growth_problem` accepts. Raises ValueError naming the module."""
+    adapters = sorted(getattr(model, "peft_config", {}) or {})
+    if adapters != [adapter]:
+        raise ValueError(f"rank growth needs one LoRA adapter named {adapter!r}; the model has {adapters or 'none'}")
+    config = model.peft_config[adapter]
+    if type(config).__name__ != "LoraConfig":
+        raise ValueError(f"rank growth needs a LoRA adapter; {adapter!r} is a {type(config).__name__}")
+    active = getattr(model, "active_adapters", [adapter])
+    if list(active) != [adapter]:
+        raise ValueError(f"rank growth needs adapter {adapter!r} active; active: {list(active)}")
+    for name, module in model.named_modules():
+        if adapter in (getattr(module, "lora_embedding_A", None) or {}):
+            raise ValueError(f"{name}: LoRA on an embedding (rank surgery handles Linear and Conv1D layers); leave "
+                             "it out of target_modules")
+    layers = list(lora_layers(model, adapter))
+    if not layers:
+        raise ValueError(f"the model has no LoRA layers for adapter {adapter!r}")
+    for name, layer in layers:
+        problem = growth_problem(name, layer, strategy, adapter)
+        if problem:
+            raise ValueError(problem)
 
 
 def set_lora_factors(layer: nn.Module, a: torch.Tensor, b: torch.Tensor, scaling: float, adapter: str = ADAPTER) -> None:
-    """Install A (r x in) and B (out x r) as fresh trainable Parameters (dtype and device of the old ones),
-    with r and lora_alpha = scaling * r set so that the layer computes B·A·scaling."""
-    like = layer.lora_A[adapter].weight
-    layer.lora_A[adapter] = _linear(a, like)
-    layer.lora_B[adapter] = _linear(b, like)
+    """Give the layer an adapter of rank r = a.shape[0] with A = a (r x in), B = b (out x r) and the same
+    `scaling`, built by PEFT's own `update_layer` (its layer type, dropout, rsLoRA and DoRA handled as PEFT
+    does); lora_alpha follows r (rsLoRA: √r). A DoRA magnitude and a lora_bias are kept. The new factors
+    keep the old ones' dtype (PEFT would cast them to a low-precision base's)."""
+    from peft import LoraConfig
+
     rank = a.shape[0]
-    layer.r[adapter] = rank
-    layer.lora_alpha[adapter] = scaling * rank
-    layer.scaling[adapter] = scaling
+    like = layer.lora_A[adapter].weight
+    rslora, dora = bool(layer.use_rslora.get(adapter, False)), bool(layer.use_dora.get(adapter, False))
+    bias = layer.lora_B[adapter].bias
+    bias = bias.detach().clone() if bias is not None else None
+    magnitude = layer.lora_magnitude_vector[adapter].weight.detach().clone() if dora else None
+    dropout = getattr(layer.lora_dropout[adapter], "p", 0.0)
+    alpha = scaling * (math.sqrt(rank) if rslora else rank)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora, use_dora=dora,
+                        lora_bias=bias is not None, init_lora_weights=True)
+    layer.update_layer(adapter, rank, alpha, config)
+    with torch.no_grad():
+        for module, value in ((layer.lora_A[adapter], a), (layer.lora_B[adapter], b)):
+            module.to(device=like.device, dtype=like.dtype)
+            module.weight.copy_(value.to(like))
+        if bias is not None:
+            layer.lora_B[adapter].bias.copy_(bias.to(like))
+        if magnitude is not None:
+            layer.lora_magnitude_vector[adapter].to(dtype=magnitude.dtype)
+            layer.lora_magnitude_vector[adapter].weight.copy_(magnitude)
+    layer.scaling[adapter] = scaling  # = lora_alpha / r (or / √r) by construction; kept exact, not recomputed
 
 
 def _new_a(rows: int, cols: int, gen: torch.Generator | None) -> torch.Tensor:
     # nn.init.kaiming_uniform_(a=sqrt(5)) as PEFT / nn.Linear do: bound = 1 / sqrt(fan_in)
     bound = 1.0 / math.sqrt(cols)
     return torch.rand(rows, cols, generator=gen) * (2 * bound) - bound
-
-
-def _linear(weight: torch.Tensor, like: torch.Tensor) -> nn.Linear:
-    out_f, in_f = weight.shape
-    lin = nn.Linear(in_f, out_f, bias=False, device=like.device, dtype=like.dtype)
-    with torch.no_grad():
-        lin.weight.copy_(weight.to(like.dtype))
-    lin.weight.requires_grad_(True)
-    return lin
 
 
 def _sync_peft_config(model: nn.Module, adapter: str, layers: list[tuple[str, nn.Module]]) -> None:
@@ -379,7 +431,6 @@ def prune_lora(
     layers = list(lora_layers(model, adapter))
     svds = {}
     for name, layer in layers:
-        _check_plain(name, layer, adapter)
         svds[name] = lora_svd(layer, adapter)
     if budget is not None:
         keep = budget_ranks({n: (svds[n][1], l.in_features + l.out_features) for n, l in layers}, budget)

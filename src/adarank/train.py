@@ -33,12 +33,12 @@ from .data import LengthGroupedBatchSampler, load_split, make_collator, tokenize
 from .distributed import agree, check_launch_env, check_processes, process_max, rewrap_model, use_cpu
 from .importance import ImportanceTracker
 from .metrics import classification_metrics, decode_label
-from .modeling import (check_max_length, check_tokenizer, load_base_model, load_model_config, load_tokenizer, prepare_model,
-                       resolve_model_path, save_run_model)
+from .modeling import (ModelError, check_max_length, check_tokenizer, load_base_model, load_model_config, load_tokenizer,
+                       prepare_model, resolve_model_path, save_run_model)
 from .optim import apply_decision, build_optimizer, build_scheduler, restart_schedule
 from .report import JsonlWriter, package_versions, plot_training, write_json, write_yaml
 from .rundir import RunDirError, check_output_dir, clear_run, mark_running, write_marker
-from .surgery import count_trainable, get_strategy, lora_ranks, rank_summary
+from .surgery import check_growable, count_trainable, get_strategy, lora_ranks, rank_summary
 from .tasks import get_task
 
 
@@ -144,6 +144,11 @@ class Run:
             self.total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * updates_per_epoch))
         self.warmup_steps = math.ceil(tc.warmup_ratio * self.total_steps)
         model = prepare_model(model, self.seq2seq, cfg, self.total_steps)
+        if self.method == "adarank":  # before any step: what growth could not do exactly is refused now
+            try:
+                check_growable(model, ac.strategy)
+            except ValueError as exc:
+                raise ModelError(f"adarank: {exc}") from None
         if ckpt is not None:
             self._restore_model(model, *ckpt)
         optimizer = build_optimizer(model, tc.lr, tc.weight_decay) if self.total_steps else None
