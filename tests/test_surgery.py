@@ -6,7 +6,7 @@ from conftest import tiny_bert, tiny_t5
 from adarank import grow_lora, lora_ranks
 from adarank.modeling import apply_lora
 from adarank.optim import build_optimizer, grow_and_repoint, snapshot_optimizer
-from adarank.surgery import MERGED_DELTA_ATTR, lora_layers
+from adarank.surgery import MERGED_DELTA_ATTR, lora_layers, merged_dense
 
 STRATEGIES = ["merge", "expand"]
 
@@ -76,7 +76,7 @@ def test_merge_folds_the_update_into_the_base_weight():
     assert len(getattr(model, MERGED_DELTA_ATTR)) == len(list(lora_layers(model)))
 
 
-def test_merged_delta_accumulates_over_growths():
+def test_merged_delta_accumulates_over_growths_as_low_rank_factors():
     model = bert_lora()
     original = {n: p.detach().clone() for n, p in model.base_model.model.named_parameters() if "base_layer.weight" in n}
     for rank in (6, 8):
@@ -86,7 +86,9 @@ def test_merged_delta_accumulates_over_growths():
     for name, w0 in original.items():
         key = name.replace(".base_layer", "")
         now = dict(model.base_model.model.named_parameters())[name].detach()
-        torch.testing.assert_close(now - w0, merged[key], atol=1e-6, rtol=0)
+        b, a = merged[key]
+        assert b.shape[1] == a.shape[0] == 4 + 6  # the two merged adapters' ranks, not the layer's size
+        torch.testing.assert_close(now - w0, merged_dense(merged[key]), atol=1e-6, rtol=0)
 
 
 def test_expand_keeps_the_old_factors():

@@ -140,48 +140,53 @@ MERGED_PREFIX = "merged_delta::"  # tensor names of the merged updates (relative
 
 def model_tensors(model: torch.nn.Module, trainable: bool = True) -> dict[str, torch.Tensor]:
     """What a checkpoint holds of a PEFT model beyond its config: the trainable parameters at their
-    current shapes (unless `trainable` is False: a Trainer checkpoint's adapter files hold them), and the
-    base weights merge-strategy growth changed -- exactly, not recomputed -- with the merged updates."""
-    from .surgery import MERGED_DELTA_ATTR, base_weight_name, lora_layers
+    current shapes (unless `trainable` is False: a Trainer checkpoint's adapter files hold them), the
+    merged updates (low-rank factors), and the full-precision base weights merge changed -- exactly, not
+    recomputed (a low-precision or quantized base is never changed: its merged update is applied beside)."""
+    from .surgery import MERGED_DELTA_ATTR, base_weight_name, flat_merged, lora_layers, merges_beside
 
     params = dict(model.named_parameters())
     out = {n: p for n, p in params.items() if p.requires_grad} if trainable else {}
     merged = getattr(model, MERGED_DELTA_ATTR, None) or {}
-    for name, _ in lora_layers(model):
-        if base_weight_name(name) in merged:
+    for name, layer in lora_layers(model):
+        if base_weight_name(name) in merged and not merges_beside(layer):
             out[f"{name}.base_layer.weight"] = params[f"{name}.base_layer.weight"]
-    out.update({MERGED_PREFIX + k: v for k, v in merged.items()})
+    out.update({MERGED_PREFIX + k: v for k, v in flat_merged(merged).items()})
     return out
 
 
 def restore_model(model: torch.nn.Module, tensors: dict[str, torch.Tensor], ranks: dict[str, int], where: str,
                   trainable: bool = True) -> None:
-    """Give a PEFT model the checkpoint's per-module ranks, merged base weights and merged updates, and --
+    """Give a PEFT model the checkpoint's per-module ranks, merged updates and merged base weights, and --
     with `trainable` -- its trainable parameters. The model is freshly built (at r0, on the original base),
-    or one that trained on (a Trainer loading its best checkpoint): then a base weight merged since the
-    checkpoint goes back to its original value."""
-    from .surgery import MERGED_DELTA_ATTR, ORIGINAL_ATTR, base_weight_name, lora_layers, resize_lora
+    or one that trained on (a Trainer loading its best checkpoint): then an update merged since the
+    checkpoint was taken is taken back (the base weight restored, or the update beside it dropped)."""
+    from .surgery import (MERGED_DELTA_ATTR, ORIGINAL_ATTR, base_weight_name, lora_layers, merges_beside, resize_lora,
+                          set_beside, unflat_merged)
 
     if ranks:
         resize_lora(model, ranks)
     params = dict(model.named_parameters())
     saved = {k: v for k, v in tensors.items() if not k.startswith(MERGED_PREFIX)}
+    merged = unflat_merged({k[len(MERGED_PREFIX):]: v for k, v in tensors.items() if k.startswith(MERGED_PREFIX)})
     missing = sorted(n for n, p in params.items() if trainable and p.requires_grad and n not in saved)
     unknown = sorted(set(saved) - set(params))
     if missing or unknown:
         raise ValueError(f"{where} does not fit the model (missing {missing[:3]}, unknown {unknown[:3]})")
     originals = model.__dict__.setdefault(ORIGINAL_ATTR, {})
     with torch.no_grad():
-        for name, _ in lora_layers(model):
+        for name, layer in lora_layers(model):
             key, weight = base_weight_name(name), f"{name}.base_layer.weight"
-            if weight in saved and key not in originals:  # not merged in this model yet: it is the original
+            if merges_beside(layer):
+                if key in merged or hasattr(layer, "adarank_merged_B"):
+                    set_beside(layer, merged.get(key))
+            elif weight in saved and key not in originals:  # not merged in this model yet: it is the original
                 originals[key] = params[weight].detach().cpu().clone()
             elif weight not in saved and key in originals:  # merged here since the checkpoint was taken
                 params[weight].copy_(originals[key])
         for name, value in saved.items():
             params[name].copy_(value)
-    setattr(model, MERGED_DELTA_ATTR, {k[len(MERGED_PREFIX):]: v for k, v in tensors.items()
-                                       if k.startswith(MERGED_PREFIX)})
+    setattr(model, MERGED_DELTA_ATTR, merged)
 
 
 # ---------------------------------------------------------------------------------------------- RNG states

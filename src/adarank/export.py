@@ -130,14 +130,8 @@ def write_adapter(model: Any, directory: str, max_rank: int | None = None, base_
     merged = getattr(model, MERGED_DELTA_ATTR, None) or {}
     factors, modules = {}, {}
     for name, layer in lora_layers(model):
-        scaling, key = float(layer.scaling[ADAPTER]), base_weight_name(name)
-        if key in merged:  # the live update plus the merged ones, dense: its SVD
-            delta = layer.get_delta_weight(ADAPTER).detach().float().cpu() + merged[key]
-            if layer.fan_in_fan_out:  # (Conv1D) both are stored as the base weight is, in x out
-                delta = delta.T
-            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-        else:  # the live factors alone: the same SVD from two thin QRs, never the dense out x in matrix
-            u, s, vh = (t.cpu() for t in lora_svd(layer))
+        scaling = float(layer.scaling[ADAPTER])
+        u, s, vh = lora_svd(layer, extra=merged.get(base_weight_name(name)))  # live + merged, never dense
         numerical = int((s > RANK_RTOL * s[0]).sum()) if s[0] > 0 else 0
         k = max(1, min(numerical, max_rank) if max_rank else numerical)
         factors[name] = (*svd_factors(u, s, vh, k, scaling), scaling)
@@ -246,7 +240,7 @@ def export_adapter(run_dir: str, out_dir: str, max_rank: int | None = None, merg
 
         if merged:
             log = {"format": "merged", "base_model": meta["base_model"]}
-            load().merge_and_unload().save_pretrained(tmp)
+            _merged_model(load()).save_pretrained(tmp)
             exported = load_base_model(tmp, meta["num_labels"])[0]
         else:
             log = write_adapter(run_model, tmp, max_rank, meta["base_model"])
@@ -257,6 +251,23 @@ def export_adapter(run_dir: str, out_dir: str, max_rank: int | None = None, merg
         return log
 
     return _into(out_dir, write)
+
+
+def _merged_model(model: Any) -> Any:
+    """The plain transformers model: updates merged beside a low-precision base weight folded into it
+    (rounded to its dtype, as any merged export of such a base is), then PEFT's merge_and_unload."""
+    from .surgery import BESIDE, merged_dense
+
+    for name, layer in lora_layers(model):
+        if hasattr(layer, BESIDE[0]):
+            weight = layer.get_base_layer().weight
+            if not weight.dtype.is_floating_point:
+                raise ValueError(f"{name}: a merged (--merged) export of a quantized base is not supported; export "
+                                 "the adapter")
+            delta = merged_dense((getattr(layer, BESIDE[0]), getattr(layer, BESIDE[1])))
+            with torch.no_grad():
+                weight.add_((delta.T if layer.fan_in_fan_out else delta).to(weight))
+    return model.merge_and_unload()
 
 
 def _into(out_dir: str, write: Callable[[str], dict]) -> dict:

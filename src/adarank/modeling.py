@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .surgery import MERGED_DELTA_ATTR, allocate_masked
+from .surgery import MERGED_DELTA_ATTR, allocate_masked, apply_merged, flat_merged, unflat_merged
 
 DEFAULT_TARGETS = {
     "t5": ["q", "v"], "mt5": ["q", "v"], "umt5": ["q", "v"],
@@ -217,34 +217,30 @@ def prepare_model(model: nn.Module, seq2seq: bool, cfg: Any, total_steps: int) -
 
 
 def save_run_model(model: nn.Module, tokenizer: Any, out_dir: str, base: str, seq2seq: bool, num_labels: int) -> None:
-    """The adapter (PEFT format, relative to the *current* base), the merged updates accumulated by
-    merge-strategy growth (relative to the original base) and the original base's identity."""
+    """The adapter (PEFT format), the merged updates accumulated by merge-strategy growth (low-rank factors,
+    relative to the original base) and the original base's identity."""
     from safetensors.torch import save_file
 
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(os.path.join(out_dir, "adapter"))
     tokenizer.save_pretrained(os.path.join(out_dir, "tokenizer"))
-    merged = getattr(model, MERGED_DELTA_ATTR, None) or {}
+    merged = flat_merged(getattr(model, MERGED_DELTA_ATTR, None) or {})
     save_file({k: v.contiguous() for k, v in merged.items()}, os.path.join(out_dir, "merged_delta.safetensors"))
     with open(os.path.join(out_dir, "adarank_model.json"), "w", encoding="utf-8") as fh:
         json.dump({"base_model": base, "seq2seq": seq2seq, "num_labels": num_labels}, fh, indent=2)
 
 
 def load_run_model(model_dir: str) -> tuple[nn.Module, Any]:
-    """Rebuild a saved run's model: original base + merged updates + the final adapter."""
+    """Rebuild a saved run's model: original base + the final adapter + the merged updates (into a
+    full-precision base weight, beside a low-precision or quantized one, as in training)."""
     from peft import PeftModel
     from safetensors.torch import load_file
 
     with open(os.path.join(model_dir, "adarank_model.json"), encoding="utf-8") as fh:
         meta = json.load(fh)
     base, _ = load_base_model(resolve_model_path(meta["base_model"]), meta["num_labels"])
-    params = dict(base.named_parameters())
-    merged = load_file(os.path.join(model_dir, "merged_delta.safetensors"))
-    with torch.no_grad():
-        for name, delta in merged.items():
-            params[name].add_(delta.to(params[name].dtype))
     model = PeftModel.from_pretrained(base, os.path.join(model_dir, "adapter"))
-    setattr(model, MERGED_DELTA_ATTR, merged)
+    apply_merged(model, unflat_merged(load_file(os.path.join(model_dir, "merged_delta.safetensors"))))
     from transformers import AutoTokenizer
 
     return model, AutoTokenizer.from_pretrained(os.path.join(model_dir, "tokenizer"))
