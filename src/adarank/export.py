@@ -244,7 +244,9 @@ def export_adapter(run_dir: str, out_dir: str, max_rank: int | None = None, merg
             exported = load_base_model(tmp, meta["num_labels"])[0]
         else:
             log = write_adapter(run_model, tmp, max_rank, meta["base_model"])
-            exported = PeftModel.from_pretrained(load_base_model(resolve_model_path(meta["base_model"]), meta["num_labels"])[0], tmp)
+            base = load_base_model(resolve_model_path(meta["base_model"]), meta["num_labels"],
+                                   quantization=meta.get("quantization"))[0]
+            exported = PeftModel.from_pretrained(base, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         log["max_abs_logit_diff"] = _compare(run_model, exported, meta["seq2seq"], run_model.config.vocab_size)

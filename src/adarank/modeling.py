@@ -108,17 +108,40 @@ def check_max_length(config: Any, max_length: int, name: str) -> None:
                          "(its config's max_position_embeddings); set model.max_length to at most that")
 
 
-def load_base_model(path: str, num_labels: int, config: Any = None) -> tuple[nn.Module, bool]:
-    """(model, is_seq2seq): a seq2seq LM for encoder-decoder models, else a sequence classifier."""
+def load_base_model(path: str, num_labels: int, config: Any = None, quantization: str | None = None,
+                    device: Any = "cpu") -> tuple[nn.Module, bool]:
+    """(model, is_seq2seq): a seq2seq LM for encoder-decoder models, else a sequence classifier; with
+    `quantization` ("4bit" or "8bit") its Linear layers quantized by bitsandbytes on `device` (the head not)."""
     from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
     config = config if config is not None else load_model_config(path)
+    extra = _quantized(quantization, device) if quantization else {}
     try:
         if config.is_encoder_decoder:
-            return AutoModelForSeq2SeqLM.from_pretrained(path), True
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels), False
+            model, seq2seq = AutoModelForSeq2SeqLM.from_pretrained(path, **extra), True
+        else:
+            model, seq2seq = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **extra), False
     except OSError as exc:  # e.g. a model directory without weights
         raise ModelError(_cannot_load(path, exc)) from None
+    if quantization:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        for module in model.modules():  # bitsandbytes 0.50 on CPU: after an eval forward repacks 4-bit weights for
+            if hasattr(module, "support_avx512bf16_for_cpu"):  # inference, a training forward fails; stay unpacked
+                module.support_avx512bf16_for_cpu = False
+    return model, seq2seq
+
+
+def _quantized(quantization: str, device: Any) -> dict:
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise ModelError(f"model.quantization={quantization} needs bitsandbytes: pip install 'adarank[quantization]'") from None
+    settings = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"} if quantization == "4bit" else {"load_in_8bit": True}
+    return {"quantization_config": BitsAndBytesConfig(llm_int8_skip_modules=list(HEAD_NAMES) + ["lm_head"], **settings),
+            "device_map": {"": str(device)}}
 
 
 def _growable(module: nn.Module) -> bool:
@@ -216,7 +239,8 @@ def prepare_model(model: nn.Module, seq2seq: bool, cfg: Any, total_steps: int) -
     return model
 
 
-def save_run_model(model: nn.Module, tokenizer: Any, out_dir: str, base: str, seq2seq: bool, num_labels: int) -> None:
+def save_run_model(model: nn.Module, tokenizer: Any, out_dir: str, base: str, seq2seq: bool, num_labels: int,
+                   quantization: str | None = None) -> None:
     """The adapter (PEFT format), the merged updates accumulated by merge-strategy growth (low-rank factors,
     relative to the original base) and the original base's identity."""
     from safetensors.torch import save_file
@@ -227,7 +251,8 @@ def save_run_model(model: nn.Module, tokenizer: Any, out_dir: str, base: str, se
     merged = flat_merged(getattr(model, MERGED_DELTA_ATTR, None) or {})
     save_file({k: v.contiguous() for k, v in merged.items()}, os.path.join(out_dir, "merged_delta.safetensors"))
     with open(os.path.join(out_dir, "adarank_model.json"), "w", encoding="utf-8") as fh:
-        json.dump({"base_model": base, "seq2seq": seq2seq, "num_labels": num_labels}, fh, indent=2)
+        json.dump({"base_model": base, "seq2seq": seq2seq, "num_labels": num_labels, "quantization": quantization}, fh,
+                  indent=2)
 
 
 def load_run_model(model_dir: str) -> tuple[nn.Module, Any]:
@@ -238,7 +263,8 @@ def load_run_model(model_dir: str) -> tuple[nn.Module, Any]:
 
     with open(os.path.join(model_dir, "adarank_model.json"), encoding="utf-8") as fh:
         meta = json.load(fh)
-    base, _ = load_base_model(resolve_model_path(meta["base_model"]), meta["num_labels"])
+    base, _ = load_base_model(resolve_model_path(meta["base_model"]), meta["num_labels"],
+                              quantization=meta.get("quantization"))
     model = PeftModel.from_pretrained(base, os.path.join(model_dir, "adapter"))
     apply_merged(model, unflat_merged(load_file(os.path.join(model_dir, "merged_delta.safetensors"))))
     from transformers import AutoTokenizer

@@ -121,7 +121,8 @@ class Run:
         model_config = model.config if model is not None else load_model_config(self.model_path)
         check_max_length(model_config, mc.max_length, cfg.model.name_or_path)
         if model is None:
-            model, self.seq2seq = load_base_model(self.model_path, self.task.num_labels, model_config)
+            model, self.seq2seq = load_base_model(self.model_path, self.task.num_labels, model_config,
+                                                  cfg.model.quantization, self.accelerator.device)
         else:
             self.seq2seq = bool(model.config.is_encoder_decoder)
         self.method = cfg.method.name
@@ -573,7 +574,7 @@ class Run:
             self.tokenizer.save_pretrained(tmp)
         else:
             save_run_model(self.raw_model, self.tokenizer, tmp, self.cfg.model.name_or_path, self.seq2seq,
-                           self.task.num_labels)
+                           self.task.num_labels, self.cfg.model.quantization)
         os.rename(tmp, out_dir)
 
     def _eval_record(self) -> dict:
