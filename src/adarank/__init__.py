@@ -4,7 +4,14 @@ Start at a small LoRA rank, grow it when the training loss stops improving (merg
 place), hand the new factors to the optimizer, and keep the model's function unchanged at every growth.
 """
 
-from .config import AdaRankCfg, AdaRankConfig, ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig, load_config
+import logging
+
+# bitsandbytes (imported by PEFT when installed) warns at import, on CPUs with AVX512-bf16, that an optional
+# hub-downloaded 4-bit kernel is missing; its built-in fallback is what runs. One line of noise per command.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+from .config import (AdaRankCfg, AdaRankConfig, ConfigError, DataConfig, ModelConfig, RunConfig,  # noqa: E402
+                     TrainConfig, load_config)
 from .controller import Decision, RankController
 from .data import DataError
 from .metrics import classification_metrics, decode_label
