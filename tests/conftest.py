@@ -40,18 +40,24 @@ def write_glue(root, task: str = "mrpc", n_train: int = 64, n_eval: int = 32) ->
 
 
 def word_tokenizer(kind: str):
-    """A word-level fast tokenizer: BERT-style ([CLS] a [SEP] b [SEP]) or T5-style (text </s>)."""
+    """A word-level fast tokenizer: BERT-style ([CLS] a [SEP] b [SEP]), T5-style (text </s>) or GPT-style
+    (text as it is; <|endoftext|> ends a sequence, no pad token, as GPT-2's)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     extra = "mrpc sentence1 sentence2 paraphrase : equivalent not".split()
     if kind == "bert":
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    elif kind == "gpt":
+        specials = ["<|endoftext|>", "<unk>"]
     else:
         specials = ["<pad>", "</s>", "<unk>"]
     vocab = {w: i for i, w in enumerate(specials + sorted(set(WORDS) | set(extra)))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=specials[1] if kind == "bert" else "<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    if kind == "gpt":
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                       unk_token="<unk>")
     if kind == "bert":
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -82,6 +88,24 @@ def tiny_t5(vocab_size: int = 64, seed: int = 0):
     cfg = T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
                    num_heads=4, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     return T5ForConditionalGeneration(cfg).eval()
+
+
+def tiny_gpt2(vocab_size: int = 64, seed: int = 0):
+    """GPT-2: Conv1D layers (fan_in_fan_out), learned positions."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+
+
+def tiny_llama(vocab_size: int = 64, seed: int = 0):
+    """LLaMA: rotary positions, grouped-query attention, gated MLP."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
 
 
 def saved(model, tok, path) -> str:

@@ -3,29 +3,13 @@ keep the function exactly; what growth cannot keep exactly is refused before the
 
 import pytest
 import torch
-from conftest import tiny_bert
+from conftest import tiny_bert, tiny_gpt2, tiny_llama
 
 from adarank.export import write_adapter
 from adarank.optim import build_optimizer, grow_and_repoint
 from adarank.surgery import allocate_masked, check_growable, grow_lora, lora_layers, lora_ranks
 
 STRATEGIES = ["merge", "expand", "masked"]
-
-
-def tiny_gpt2(seed=0):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
-
-
-def tiny_llama(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
 
 
 MODELS = {  # name: (base builder, LoraConfig kwargs)

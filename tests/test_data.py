@@ -74,7 +74,7 @@ def test_length_grouped_sampler_covers_every_index_once_per_epoch():
 
 def test_tokenize_text_to_text(t5_tok):
     rows = [{"sentence1": "the cat", "sentence2": "the dog", "label": 0}, {"sentence1": "a", "sentence2": "b", "label": 1}]
-    out = tokenize(rows, MRPC, t5_tok, seq2seq=True, max_length=32, max_target_length=8)
+    out = tokenize(rows, MRPC, t5_tok, kind="seq2seq", max_length=32, max_target_length=8)
     assert t5_tok.decode(out[0]["input_ids"], skip_special_tokens=True).split() == "mrpc sentence1 : the cat sentence2 : the dog paraphrase :".split()
     assert t5_tok.decode(out[0]["labels"], skip_special_tokens=True) == "not equivalent"
     assert t5_tok.decode(out[1]["labels"], skip_special_tokens=True) == "equivalent"

@@ -13,12 +13,12 @@ STRATEGIES = ["merge", "expand"]
 
 def bert_lora(r=4):
     torch.manual_seed(1)
-    return apply_lora(tiny_bert(), seq2seq=False, r=r, lora_alpha=2 * r, targets=None, dropout=0.0)
+    return apply_lora(tiny_bert(), kind="classifier", r=r, lora_alpha=2 * r, targets=None, dropout=0.0)
 
 
 def t5_lora(r=4):
     torch.manual_seed(1)
-    return apply_lora(tiny_t5(), seq2seq=True, r=r, lora_alpha=2 * r, targets=None, dropout=0.0)
+    return apply_lora(tiny_t5(), kind="seq2seq", r=r, lora_alpha=2 * r, targets=None, dropout=0.0)
 
 
 def bert_inputs():

@@ -56,14 +56,14 @@ def suite_methods(suite: str) -> dict[str, str]:
 
 
 def is_text_to_text(config_path: str, overrides: list[str]) -> bool:
-    """Whether the suite's model is an encoder-decoder (its config is read, not its weights)."""
+    """Whether the suite's model learns GLUE as text (seq2seq or causal LM; its config is read, not its weights)."""
     from transformers import AutoConfig
 
-    from .modeling import ModelError, resolve_model_path
+    from .modeling import ModelError, model_kind, resolve_model_path
 
     name = load_config(config_path, overrides).model.name_or_path
     try:
-        return bool(AutoConfig.from_pretrained(resolve_model_path(name)).is_encoder_decoder)
+        return model_kind(AutoConfig.from_pretrained(resolve_model_path(name))) != "classifier"
     except OSError as exc:
         raise ModelError(f"model.name_or_path: cannot read the config of {name!r} ({str(exc).splitlines()[0]}); "
                          "without hub access use a local directory") from None

@@ -99,16 +99,52 @@ def _check_row(row: Any, task: TaskSpec, path: str, lineno: int) -> dict:
     return {**{f: row[f] for f in task.text_fields}, "label": label}
 
 
-def tokenize(rows: list[dict], task: TaskSpec, tokenizer: Any, seq2seq: bool, max_length: int, max_target_length: int) -> list[dict]:
-    """Tokenize every example once. Encoders get the text pair; seq2seq models the prompt and the target
-    word's token ids as `labels` (the class id stays in `class_label` for evaluation)."""
-    if seq2seq:
+KINDS = ("classifier", "seq2seq", "causal_lm")
+EXTRAS = ("class_label", "prompt_len")  # batch entries for evaluation, not for the model
+
+
+def as_kind(kind: bool | str) -> str:
+    """A model kind: "classifier" (encoder + head), "seq2seq" (T5-style text-to-text) or "causal_lm"
+    (decoder-only text-to-text); a bool means seq2seq (True) or classifier (False)."""
+    if isinstance(kind, bool):
+        return "seq2seq" if kind else "classifier"
+    if kind not in KINDS:
+        raise ValueError(f"model kind must be one of {list(KINDS)}, got {kind!r}")
+    return kind
+
+
+def causal_targets(task: TaskSpec, tokenizer: Any, max_target_length: int) -> list[list[int]]:
+    """Per label: the target word's tokens after the prompt (" word", then the end-of-sequence token)."""
+    eos = tokenizer.eos_token_id
+    return [tokenizer(" " + w, add_special_tokens=False)["input_ids"][: max_target_length - 1] + [eos]
+            for w in task.target_words]
+
+
+def tokenize(rows: list[dict], task: TaskSpec, tokenizer: Any, kind: bool | str, max_length: int,
+             max_target_length: int) -> list[dict]:
+    """Tokenize every example once. Classifiers get the text pair; seq2seq models the prompt as input and
+    the target word's token ids as `labels`; causal LMs the prompt followed by the target word as input,
+    with `labels` -100 on the prompt (the loss is on the target tokens only) and `prompt_len`. The class id
+    stays in `class_label` for evaluation."""
+    kind = as_kind(kind)
+    if kind == "seq2seq":
         enc = tokenizer([task.prompt.format(**r) for r in rows], truncation=True, max_length=max_length)
         targets = tokenizer(list(task.target_words), truncation=True, max_length=max_target_length)["input_ids"]
         return [
             {"input_ids": ids, "attention_mask": mask, "labels": targets[r["label"]], "class_label": r["label"]}
             for ids, mask, r in zip(enc["input_ids"], enc["attention_mask"], rows)
         ]
+    if kind == "causal_lm":
+        targets = causal_targets(task, tokenizer, max_target_length)
+        room = max_length - max(len(t) for t in targets)
+        out = []
+        for ids, r in zip(tokenizer([task.prompt.format(**r) for r in rows])["input_ids"], rows):
+            if len(ids) > room:  # keep the start (a BOS token, the task name) and the end (the cue before the target)
+                ids = ids[: room // 2] + ids[len(ids) - (room - room // 2):]
+            target = targets[r["label"]]
+            out.append({"input_ids": ids + target, "labels": [-100] * len(ids) + target, "prompt_len": len(ids),
+                        "class_label": r["label"]})
+        return out
     texts = [[r[f] for r in rows] for f in task.text_fields]
     enc = tokenizer(*texts, truncation=True, max_length=max_length)
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
@@ -145,18 +181,27 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         return (len(self.lengths) + self.batch_size - 1) // self.batch_size
 
 
-def make_collator(tokenizer: Any, seq2seq: bool):
-    """Dynamic padding: pad to the longest in the batch (labels of seq2seq with -100)."""
+def make_collator(tokenizer: Any, kind: bool | str):
+    """Dynamic padding: pad to the longest in the batch (labels with -100); the EXTRAS as tensors."""
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
-    if seq2seq:
-        inner = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+    kind = as_kind(kind)
+    if kind == "classifier":
+        return DataCollatorWithPadding(tokenizer)
+    inner = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100) if kind == "seq2seq" else None
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-        def collate(features: list[dict]) -> dict[str, torch.Tensor]:
-            class_labels = torch.tensor([f["class_label"] for f in features])
-            batch = inner([{k: v for k, v in f.items() if k != "class_label"} for f in features])
-            batch["class_label"] = class_labels
-            return batch
+    def collate(features: list[dict]) -> dict[str, torch.Tensor]:
+        extras = {k: torch.tensor([f[k] for f in features]) for k in EXTRAS if k in features[0]}
+        plain = [{k: v for k, v in f.items() if k not in EXTRAS} for f in features]
+        if inner is not None:
+            batch = inner(plain)
+        else:  # causal LM: pad on the right, labels with -100
+            width = max(len(f["input_ids"]) for f in plain)
+            batch = {"input_ids": torch.tensor([f["input_ids"] + [pad] * (width - len(f["input_ids"])) for f in plain]),
+                     "attention_mask": torch.tensor([[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"]))
+                                                     for f in plain]),
+                     "labels": torch.tensor([f["labels"] + [-100] * (width - len(f["labels"])) for f in plain])}
+        return {**batch, **extras}
 
-        return collate
-    return DataCollatorWithPadding(tokenizer)
+    return collate

@@ -183,14 +183,15 @@ def _trainer_source(path: str, base: str | None) -> tuple[Callable[[], Any], dic
     base_path = base or cfg.base_model_name_or_path
     if not base_path:
         raise ValueError(f"{path}: adapter_config.json does not name its base model; give it with --base PATH")
-    seq2seq = "SEQ_2_SEQ" in str(cfg.task_type)
+    kind = {"SEQ_2_SEQ_LM": "seq2seq", "CAUSAL_LM": "causal_lm"}.get(str(getattr(cfg.task_type, "value", cfg.task_type)),
+                                                                      "classifier")
     num_labels = 2
     weights = os.path.join(path, "adapter_model.safetensors")
-    if not seq2seq and os.path.isfile(weights):
+    if kind == "classifier" and os.path.isfile(weights):
         with safe_open(weights, "pt") as fh:
             heads = [k for k in fh.keys() if k.endswith((".classifier.weight", ".score.weight", ".classifier.out_proj.weight"))]
             num_labels = fh.get_slice(heads[0]).get_shape()[0] if heads else num_labels
-    meta = {"base_model": base_path, "seq2seq": seq2seq, "num_labels": num_labels}
+    meta = {"base_model": base_path, "kind": kind, "num_labels": num_labels}
 
     def load() -> Any:
         model = PeftModel.from_pretrained(load_base_model(resolve_model_path(base_path), num_labels)[0], path)
@@ -249,7 +250,8 @@ def export_adapter(run_dir: str, out_dir: str, max_rank: int | None = None, merg
             exported = PeftModel.from_pretrained(base, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        log["max_abs_logit_diff"] = _compare(run_model, exported, meta["seq2seq"], run_model.config.vocab_size)
+        kind = meta.get("kind") or ("seq2seq" if meta.get("seq2seq") else "classifier")  # runs saved before "kind"
+        log["max_abs_logit_diff"] = _compare(run_model, exported, kind == "seq2seq", run_model.config.vocab_size)
         return log
 
     return _into(out_dir, write)

@@ -14,6 +14,9 @@ from .surgery import MERGED_DELTA_ATTR, allocate_masked, apply_merged, flat_merg
 
 DEFAULT_TARGETS = {
     "t5": ["q", "v"], "mt5": ["q", "v"], "umt5": ["q", "v"],
+    "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "phi3": ["qkv_proj"], "opt": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
     "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
     "electra": ["query", "value"], "camembert": ["query", "value"],
 }
@@ -108,19 +111,36 @@ def check_max_length(config: Any, max_length: int, name: str) -> None:
                          "(its config's max_position_embeddings); set model.max_length to at most that")
 
 
+def model_kind(config: Any) -> str:
+    """How a model learns a GLUE task: "seq2seq" (encoder-decoder, text-to-text), "causal_lm" (decoder-only:
+    text-to-text after the prompt) or "classifier" (an encoder with a classification head). Decoder-only
+    means a model type transformers has a causal LM for and no masked LM (BERT and RoBERTa have both)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if config.is_encoder_decoder:
+        return "seq2seq"
+    mtype = getattr(config, "model_type", "")
+    if mtype in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mtype not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "causal_lm"
+    return "classifier"
+
+
 def load_base_model(path: str, num_labels: int, config: Any = None, quantization: str | None = None,
-                    device: Any = "cpu") -> tuple[nn.Module, bool]:
-    """(model, is_seq2seq): a seq2seq LM for encoder-decoder models, else a sequence classifier; with
+                    device: Any = "cpu") -> tuple[nn.Module, str]:
+    """(model, kind): a seq2seq LM, a causal LM or a sequence classifier as `model_kind` says; with
     `quantization` ("4bit" or "8bit") its Linear layers quantized by bitsandbytes on `device` (the head not)."""
-    from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
     config = config if config is not None else load_model_config(path)
     extra = _quantized(quantization, device) if quantization else {}
+    kind = model_kind(config)
     try:
-        if config.is_encoder_decoder:
-            model, seq2seq = AutoModelForSeq2SeqLM.from_pretrained(path, **extra), True
+        if kind == "seq2seq":
+            model = AutoModelForSeq2SeqLM.from_pretrained(path, **extra)
+        elif kind == "causal_lm":
+            model = AutoModelForCausalLM.from_pretrained(path, **extra)
         else:
-            model, seq2seq = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **extra), False
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **extra)
     except OSError as exc:  # e.g. a model directory without weights
         raise ModelError(_cannot_load(path, exc)) from None
     if quantization:
@@ -130,7 +150,7 @@ def load_base_model(path: str, num_labels: int, config: Any = None, quantization
         for module in model.modules():  # bitsandbytes 0.50 on CPU: after an eval forward repacks 4-bit weights for
             if hasattr(module, "support_avx512bf16_for_cpu"):  # inference, a training forward fails; stay unpacked
                 module.support_avx512bf16_for_cpu = False
-    return model, seq2seq
+    return model, kind
 
 
 def _quantized(quantization: str, device: Any) -> dict:
@@ -172,16 +192,19 @@ def head_names(model: nn.Module) -> list[str]:
     return [h for h in HEAD_NAMES if hasattr(model, h)]
 
 
-def _peft_task(model: nn.Module, seq2seq: bool) -> dict[str, Any]:
+def _peft_task(model: nn.Module, kind: bool | str) -> dict[str, Any]:
     """PEFT config fields shared by LoRA and AdaLoRA: the task type and, for classifiers, the head to train."""
     from peft import TaskType
 
-    if seq2seq:
-        return {"task_type": TaskType.SEQ_2_SEQ_LM, "modules_to_save": None}
+    from .data import as_kind
+
+    kind = as_kind(kind)
+    if kind != "classifier":
+        return {"task_type": TaskType.SEQ_2_SEQ_LM if kind == "seq2seq" else TaskType.CAUSAL_LM, "modules_to_save": None}
     return {"task_type": TaskType.SEQ_CLS, "modules_to_save": head_names(model) or None}
 
 
-def apply_lora(model: nn.Module, seq2seq: bool, r: int, lora_alpha: float, targets: list[str] | None, dropout: float,
+def apply_lora(model: nn.Module, kind: bool | str, r: int, lora_alpha: float, targets: list[str] | None, dropout: float,
                **options: Any) -> nn.Module:
     """PEFT LoRA on `targets`; for classifiers the head is trained too (PEFT's modules_to_save). `options`:
     further LoraConfig fields (use_rslora, use_dora)."""
@@ -189,11 +212,11 @@ def apply_lora(model: nn.Module, seq2seq: bool, r: int, lora_alpha: float, targe
 
     targets = resolve_targets(model, targets)
     cfg = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=targets, lora_dropout=dropout,
-                     **_peft_task(model, seq2seq), **options)
+                     **_peft_task(model, kind), **options)
     return get_peft_model(model, cfg)
 
 
-def apply_adalora(model: nn.Module, seq2seq: bool, settings: Any, lora_alpha_ratio: float, targets: list[str] | None,
+def apply_adalora(model: nn.Module, kind: bool | str, settings: Any, lora_alpha_ratio: float, targets: list[str] | None,
                   dropout: float, total_steps: int) -> nn.Module:
     """PEFT AdaLoRA on `targets` with PEFT's `total_step` set to the run's real number of optimizer steps.
     The caller must call `model.base_model.update_and_allocate(step)` after every optimizer step."""
@@ -206,27 +229,29 @@ def apply_adalora(model: nn.Module, seq2seq: bool, settings: Any, lora_alpha_rat
         init_r=settings.init_r, target_r=settings.target_r, tinit=tinit, tfinal=tfinal, deltaT=settings.delta_t,
         beta1=settings.beta1, beta2=settings.beta2, orth_reg_weight=settings.orth_reg_weight, total_step=total_steps,
         lora_alpha=lora_alpha_ratio * settings.target_r, target_modules=targets, lora_dropout=dropout,
-        **_peft_task(model, seq2seq),
+        **_peft_task(model, kind),
     )
     return get_peft_model(model, cfg)
 
 
-def prepare_model(model: nn.Module, seq2seq: bool, cfg: Any, total_steps: int) -> nn.Module:
+def prepare_model(model: nn.Module, kind: bool | str, cfg: Any, total_steps: int) -> nn.Module:
     """The base model made ready for `cfg.method.name` (see `MethodConfig`)."""
+    from .data import as_kind
+
     method, ac = cfg.method.name, cfg.adarank
     if method in ("adarank", "lora"):
         alpha = ac.lora_alpha_ratio * (ac.r0 ** 0.5 if ac.use_rslora else ac.r0)  # a scaling of lora_alpha_ratio
-        model = apply_lora(model, seq2seq, ac.r0, alpha, ac.target_modules, ac.lora_dropout, use_rslora=ac.use_rslora,
+        model = apply_lora(model, kind, ac.r0, alpha, ac.target_modules, ac.lora_dropout, use_rslora=ac.use_rslora,
                            use_dora=ac.use_dora)
         if method == "adarank" and ac.strategy == "masked":
             allocate_masked(model, ac.r_max)
         return model
     if method == "adalora":
-        return apply_adalora(model, seq2seq, cfg.adalora, ac.lora_alpha_ratio, ac.target_modules, ac.lora_dropout,
+        return apply_adalora(model, kind, cfg.adalora, ac.lora_alpha_ratio, ac.target_modules, ac.lora_dropout,
                              total_steps)
     if method == "head":
         heads = head_names(model)
-        if seq2seq or not heads:
+        if as_kind(kind) != "classifier" or not heads:
             raise ModelError("method.name=head needs a sequence classifier with a `classifier` or `score` head; "
                              f"{type(model).__name__} has none")
         model.requires_grad_(False)
@@ -234,12 +259,12 @@ def prepare_model(model: nn.Module, seq2seq: bool, cfg: Any, total_steps: int) -
             getattr(model, h).requires_grad_(True)
     elif method == "full":
         model.requires_grad_(True)
-    elif method == "zero_shot" and not seq2seq:
+    elif method == "zero_shot" and as_kind(kind) == "classifier":
         raise ModelError("method.name=zero_shot needs a text-to-text model: a classifier's head is untrained")
     return model
 
 
-def save_run_model(model: nn.Module, tokenizer: Any, out_dir: str, base: str, seq2seq: bool, num_labels: int,
+def save_run_model(model: nn.Module, tokenizer: Any, out_dir: str, base: str, kind: str, num_labels: int,
                    quantization: str | None = None) -> None:
     """The adapter (PEFT format), the merged updates accumulated by merge-strategy growth (low-rank factors,
     relative to the original base) and the original base's identity."""
@@ -251,8 +276,8 @@ def save_run_model(model: nn.Module, tokenizer: Any, out_dir: str, base: str, se
     merged = flat_merged(getattr(model, MERGED_DELTA_ATTR, None) or {})
     save_file({k: v.contiguous() for k, v in merged.items()}, os.path.join(out_dir, "merged_delta.safetensors"))
     with open(os.path.join(out_dir, "adarank_model.json"), "w", encoding="utf-8") as fh:
-        json.dump({"base_model": base, "seq2seq": seq2seq, "num_labels": num_labels, "quantization": quantization}, fh,
-                  indent=2)
+        json.dump({"base_model": base, "kind": kind, "seq2seq": kind == "seq2seq", "num_labels": num_labels,
+                   "quantization": quantization}, fh, indent=2)
 
 
 def load_run_model(model_dir: str) -> tuple[nn.Module, Any]:

@@ -29,12 +29,12 @@ from .checkpoint import (clean_partial, failpoint, latest_checkpoint, model_tens
                          rng_state, set_rng_state, write_checkpoint)
 from .config import RESUME_MAY_CHANGE, RunConfig, config_differences
 from .controller import RankController, decision_record
-from .data import LengthGroupedBatchSampler, load_split, make_collator, tokenize
+from .data import EXTRAS, LengthGroupedBatchSampler, causal_targets, load_split, make_collator, tokenize
 from .distributed import agree, check_launch_env, check_processes, process_max, rewrap_model, use_cpu
 from .importance import ImportanceTracker
 from .metrics import classification_metrics, decode_label
 from .modeling import (ModelError, check_max_length, check_tokenizer, load_base_model, load_model_config, load_tokenizer,
-                       prepare_model, resolve_model_path, save_run_model)
+                       model_kind, prepare_model, resolve_model_path, save_run_model)
 from .optim import apply_decision, build_optimizer, build_scheduler, restart_schedule
 from .report import JsonlWriter, package_versions, plot_training, write_json, write_yaml
 from .rundir import RunDirError, check_output_dir, clear_run, mark_running, write_marker
@@ -121,14 +121,17 @@ class Run:
         model_config = model.config if model is not None else load_model_config(self.model_path)
         check_max_length(model_config, mc.max_length, cfg.model.name_or_path)
         if model is None:
-            model, self.seq2seq = load_base_model(self.model_path, self.task.num_labels, model_config,
-                                                  cfg.model.quantization, self.accelerator.device)
+            model, self.kind = load_base_model(self.model_path, self.task.num_labels, model_config,
+                                               cfg.model.quantization, self.accelerator.device)
         else:
-            self.seq2seq = bool(model.config.is_encoder_decoder)
+            self.kind = model_kind(model.config)
+        if self.kind == "causal_lm" and self.tokenizer.pad_token is None:  # GPT-2, LLaMA: pad with end-of-text
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         self.method = cfg.method.name
-        train_ds = tokenize(train_rows, self.task, self.tokenizer, self.seq2seq, mc.max_length, mc.max_target_length)
-        eval_ds = tokenize(eval_rows, self.task, self.tokenizer, self.seq2seq, mc.max_length, mc.max_target_length)
-        collate = make_collator(self.tokenizer, self.seq2seq)
+        train_ds = tokenize(train_rows, self.task, self.tokenizer, self.kind, mc.max_length, mc.max_target_length)
+        eval_ds = tokenize(eval_rows, self.task, self.tokenizer, self.kind, mc.max_length, mc.max_target_length)
+        collate = make_collator(self.tokenizer, self.kind)
+        self.targets = causal_targets(self.task, self.tokenizer, mc.max_target_length) if self.kind == "causal_lm" else None
         lengths = [len(x["input_ids"]) for x in train_ds]
         self.sampler = LengthGroupedBatchSampler(lengths, tc.batch_size, tc.seed, mega=50 if tc.group_by_length else 1)
         # own generators: iterating a DataLoader then draws its worker seed from them, not from the global RNG
@@ -144,7 +147,7 @@ class Run:
         else:
             self.total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * updates_per_epoch))
         self.warmup_steps = math.ceil(tc.warmup_ratio * self.total_steps)
-        model = prepare_model(model, self.seq2seq, cfg, self.total_steps)
+        model = prepare_model(model, self.kind, cfg, self.total_steps)
         if self.method == "adarank":  # before any step: what growth could not do exactly is refused now
             try:
                 check_growable(model, ac.strategy)
@@ -290,15 +293,20 @@ class Run:
         model.eval()
         preds, labels, loss_sum, count = [], [], 0.0, 0
         for batch in self.eval_loader:
-            class_label = batch.pop("class_label", None)
+            extras = {k: batch.pop(k) for k in EXTRAS if k in batch}
             out = model(**batch)
             n = batch["input_ids"].shape[0]
             # from the logits, not out.loss: PEFT AdaLoRA adds its orthogonality regularizer to out.loss
             logits, target = out.logits.float(), batch["labels"]
+            if self.kind == "causal_lm":  # token t predicts token t + 1
+                logits, target = logits[:, :-1], target[:, 1:]
             loss = F.cross_entropy(logits.flatten(0, -2), target.flatten(), ignore_index=-100)
             loss_sum += float(acc.reduce(loss * n, "sum"))
             count += int(acc.reduce(torch.tensor(n, device=acc.device), "sum"))
-            if self.seq2seq:
+            if self.kind == "causal_lm":
+                preds += acc.gather_for_metrics(self._likeliest(batch["input_ids"], extras["prompt_len"])).tolist()
+                labels += acc.gather_for_metrics(extras["class_label"]).tolist()
+            elif self.kind == "seq2seq":
                 gen = self.raw_model.generate(
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     max_new_tokens=self.cfg.model.max_target_length,
@@ -306,14 +314,33 @@ class Run:
                 gen = acc.pad_across_processes(gen, dim=1, pad_index=self.tokenizer.pad_token_id)
                 texts = self.tokenizer.batch_decode(acc.gather_for_metrics(gen), skip_special_tokens=True)
                 preds += [decode_label(t, self.task.target_words) for t in texts]
-                labels += acc.gather_for_metrics(class_label).tolist()
+                labels += acc.gather_for_metrics(extras["class_label"]).tolist()
             else:
                 preds += acc.gather_for_metrics(out.logits.argmax(-1)).tolist()
                 labels += acc.gather_for_metrics(batch["labels"]).tolist()
         model.train()
         metrics = classification_metrics(labels, preds, self.task.num_labels, self.task.positive_label)
-        metrics["eval_loss"] = loss_sum / max(1, count)  # mean over examples (seq2seq: of the batch token means)
+        metrics["eval_loss"] = loss_sum / max(1, count)  # mean over examples (text-to-text: of the batch token means)
         return metrics
+
+    def _likeliest(self, input_ids: torch.Tensor, prompt_len: torch.Tensor) -> torch.Tensor:
+        """Causal LMs: for each example the label whose target words (and end-of-sequence) are likeliest
+        after the prompt: Σ log p(target token | prompt, earlier target tokens), one forward over every
+        (example, label) pair. No generation, so no output can fail to decode."""
+        pad = self.tokenizer.pad_token_id
+        seqs, spans = [], []
+        for ids, plen in zip(input_ids.tolist(), prompt_len.tolist()):
+            for target in self.targets:
+                seqs.append(ids[:plen] + target)
+                spans.append((plen, len(target)))
+        width = max(map(len, seqs))
+        device = input_ids.device
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+        logp = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        scores = torch.stack([logp[i, start - 1 : start - 1 + length].gather(-1, ids[i, start : start + length, None]).sum()
+                              for i, (start, length) in enumerate(spans)])
+        return scores.view(len(prompt_len), len(self.targets)).argmax(-1)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
@@ -365,7 +392,8 @@ class Run:
         """Forward and backward of one micro-batch; at the end of an accumulation, the optimizer step.
         Returns whether an optimizer step ended."""
         acc = self.accelerator
-        batch.pop("class_label", None)
+        for key in EXTRAS:
+            batch.pop(key, None)
         with acc.accumulate(self.model):
             loss = self.model(**batch).loss
             acc.backward(loss)
@@ -573,7 +601,7 @@ class Run:
             self.raw_model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
         else:
-            save_run_model(self.raw_model, self.tokenizer, tmp, self.cfg.model.name_or_path, self.seq2seq,
+            save_run_model(self.raw_model, self.tokenizer, tmp, self.cfg.model.name_or_path, self.kind,
                            self.task.num_labels, self.cfg.model.quantization)
         os.rename(tmp, out_dir)
 
