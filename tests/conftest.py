@@ -96,7 +96,8 @@ def tiny_gpt2(vocab_size: int = 64, seed: int = 0):
 
     torch.manual_seed(seed)
     return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                                      eos_token_id=0)).eval()  # word_tokenizer("gpt")'s <|endoftext|>
 
 
 def tiny_llama(vocab_size: int = 64, seed: int = 0):
