@@ -9,8 +9,9 @@ from the decision to the new adapter, `--repeats` times, alternating the two con
 
 - dense (before): each merge adds B·A·s into the base weight and keeps ΔW_merged as a dense fp32 out x in
   matrix per layer (the library's record until this change, reimplemented here as the baseline);
-- low-rank (now): `surgery.grow_lora(..., "merge")` -- the record is the factors (B_m, A_m), and a bf16 base is
-  not changed at all (the update is applied beside it).
+- low-rank (now): `surgery.grow_lora(..., "merge")` -- the record is the low-rank part of each merge (B_i, A_i),
+  from which the base weights are rebuilt exactly (no copy of them is kept or saved); a bf16 base is not
+  changed at all (the update acts beside it).
 
 Memory is the bytes of the record's tensors (exact, not sampled). The figures for a 7B model are computed
 from the same per-element costs for LLaMA-7B's shapes (32 layers; q,v or all seven Linear modules per layer)
@@ -77,9 +78,10 @@ def measure(kind: str, args: argparse.Namespace, dtype: torch.dtype) -> dict:
         else:
             grow_lora(model, rank, "merge", seed=rank)
         times.append(time.perf_counter() - start)
-    if kind != "dense":
-        record = getattr(model, MERGED_DELTA_ATTR)
-    tensors = [t for v in record.values() for t in (v if isinstance(v, tuple) else (v,))]
+    if kind == "dense":
+        tensors = list(record.values())
+    else:  # the parts kept per merge (and nothing else: no copy of any base weight)
+        tensors = [t for entry in getattr(model, MERGED_DELTA_ATTR).values() for b, a, _ in entry.parts for t in (b, a)]
     held = sum(t.numel() * t.element_size() for t in tensors)
     del model
     gc.collect()

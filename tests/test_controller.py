@@ -102,3 +102,22 @@ def test_prune_state_resumes():
     b = RankController()
     b.load_state_dict(a.state_dict())
     assert b.is_decision_step(7) and b.observe(6, 1.0).action == "hold" and b.observe(7, 1.0).prune
+
+
+def test_per_layer_growth_goes_on_until_every_module_reaches_r_max():
+    """The loop reports the modules' ranks after each growth: with 3 modules growing one at a time from 2 to
+    4, growth continues past the controller's own count until the last module is full; r_max is reached
+    (and the prune after it scheduled) only then."""
+    ctrl = RankController(r0=2, r_max=4, alpha=2, tol=0.0, check_every=2, warmup_steps=2, criterion="threshold",
+                          total_steps=40, prune=True, prune_after_r_max_steps=3)
+    ranks = [2, 2, 2]
+    grown_at = []
+    for step in range(1, 20):
+        d = ctrl.observe(step, 1.0)
+        if d.grow:
+            ranks[ranks.index(2)] = 4  # per-layer: one module grows
+            ctrl.ranks_changed(step, max(ranks), min(ranks))
+            grown_at.append(step)
+        if d.prune:
+            break
+    assert grown_at == [2, 4, 6] and ctrl.r_max_step == 6 and (d.prune, d.step) == (True, 9)

@@ -12,7 +12,8 @@ from conftest import saved, tiny_bert
 from adarank import RunConfig, load_run_model
 from adarank.export import export_adapter
 from adarank.optim import build_optimizer, grow_and_repoint
-from adarank.surgery import MERGED_DELTA_ATTR, allocate_masked, lora_layers, merges_beside
+from adarank.merged import merges_beside
+from adarank.surgery import MERGED_DELTA_ATTR, allocate_masked, lora_layers
 from adarank.train import Run
 
 IDS = torch.tensor([[5, 9, 3, 17, 22, 8], [4, 4, 30, 2, 11, 1]])
@@ -57,7 +58,7 @@ def test_a_bf16_run_with_merge_reloads_and_exports_as_the_model_that_trained(tmp
     assert all(merges_beside(layer) for _, layer in lora_layers(model))
     after = dict(model.named_parameters())
     assert all(torch.equal(frozen[n], after[n]) for n in frozen)  # merge never rounded into the bf16 weights
-    assert all(b.shape[1] == 2 + 4 + 6 for b, _ in getattr(model, MERGED_DELTA_ATTR).values())
+    assert all(e.beside and e.rank == 2 + 4 + 6 for e in getattr(model, MERGED_DELTA_ATTR).values())
     trained = logits(model)
 
     reloaded, _ = load_run_model(str(tmp_path / "run" / "model"))

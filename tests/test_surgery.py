@@ -6,7 +6,7 @@ from conftest import tiny_bert, tiny_t5
 from adarank import grow_lora, lora_ranks
 from adarank.modeling import apply_lora
 from adarank.optim import build_optimizer, grow_and_repoint, snapshot_optimizer
-from adarank.surgery import MERGED_DELTA_ATTR, lora_layers, merged_dense
+from adarank.surgery import MERGED_DELTA_ATTR, lora_layers
 
 STRATEGIES = ["merge", "expand"]
 
@@ -86,9 +86,9 @@ def test_merged_delta_accumulates_over_growths_as_low_rank_factors():
     for name, w0 in original.items():
         key = name.replace(".base_layer", "")
         now = dict(model.base_model.model.named_parameters())[name].detach()
-        b, a = merged[key]
-        assert b.shape[1] == a.shape[0] == 4 + 6  # the two merged adapters' ranks, not the layer's size
-        torch.testing.assert_close(now - w0, merged_dense(merged[key]), atol=1e-6, rtol=0)
+        entry = merged[key]
+        assert [b.shape[1] for b, _, _ in entry.parts] == [4, 6] and entry.rank == 10  # not the layer's size
+        torch.testing.assert_close(now - w0, entry.dense(), atol=1e-6, rtol=0)
 
 
 def test_expand_keeps_the_old_factors():

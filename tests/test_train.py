@@ -134,3 +134,18 @@ def test_per_layer_growth_grows_only_the_top_k_modules(tmp_path, glue_dir, bert_
     assert results["final_rank_mean"] == sum(ranks.values()) / len(ranks)
     log = read_jsonl(os.path.join(cfg.train.output_dir, "log.jsonl"))
     assert {"rank", "rank_mean"} <= set(log[-1])
+
+
+def test_per_layer_growth_fills_every_module_before_pruning(tmp_path, glue_dir, bert_tok):
+    """4 modules, one grown per check from 2 to 4: four growths (the controller's own count would have
+    stopped after one), then r_max is reached by all and the prune 2 steps later follows."""
+    base = saved(tiny_bert(vocab_size=len(bert_tok)), bert_tok, tmp_path / "base")
+    cfg = cfg_for(tmp_path, glue_dir, base, "expand", grow_top_k=1, r_max=4, check_every=2, warmup_steps=2,
+                  prune="rank", prune_rank=2, prune_at=1.0, prune_after_r_max_steps=2)
+    cfg.train.max_steps = 14
+    results = train(cfg, model=tiny_bert(vocab_size=len(bert_tok)), tokenizer=bert_tok)
+    events = results["rank_events"]
+    assert [(e["action"], e["step"]) for e in events] == [("grow", 2), ("grow", 4), ("grow", 6), ("grow", 8),
+                                                          ("prune", 10)]
+    assert [e["rank_mean"] for e in events[:4]] == [2.5, 3.0, 3.5, 4.0]  # the model's ranks, as they are
+    assert len({n for e in events[:4] for n in e["modules"]}) == 4 and set(results["final_ranks"].values()) == {2}

@@ -240,7 +240,9 @@ class AdaRankCallback(TrainerCallback):
             details = apply_decision(self.model, self.trainer.optimizer, decision, self.config, seed=args.seed,
                                      importance=self.importance)
             digests = agree(acc, self.model, f"the rank change at step {decision.step}")
-            _, rank_max, rank_mean = rank_summary(self.model)
+            ranks, rank_max, rank_mean = rank_summary(self.model)
+            if decision.grow:  # as our loop: per-layer growth leaves it to the modules' ranks
+                self.controller.ranks_changed(decision.step, rank_max, min(ranks.values()))
             self.events.append({**decision_record(decision), "to_rank": rank_max, "rank_mean": rank_mean,
                                 "param_digests": digests, **details})
         if self.importance is not None and self.controller.is_check_step(state.global_step):

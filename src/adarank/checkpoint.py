@@ -139,54 +139,39 @@ MERGED_PREFIX = "merged_delta::"  # tensor names of the merged updates (relative
 
 
 def model_tensors(model: torch.nn.Module, trainable: bool = True) -> dict[str, torch.Tensor]:
-    """What a checkpoint holds of a PEFT model beyond its config: the trainable parameters at their
-    current shapes (unless `trainable` is False: a Trainer checkpoint's adapter files hold them), the
-    merged updates (low-rank factors), and the full-precision base weights merge changed -- exactly, not
-    recomputed (a low-precision or quantized base is never changed: its merged update is applied beside)."""
-    from .surgery import MERGED_DELTA_ATTR, base_weight_name, flat_merged, lora_layers, merges_beside
+    """What a checkpoint holds of a PEFT model beyond its config: the trainable parameters at their current
+    shapes (unless `trainable` is False: a Trainer checkpoint's adapter files hold them) and the merged
+    updates as the low-rank parts they were (merged.py): base weights they changed are rebuilt from them
+    exactly, so none is saved."""
+    from .merged import flat
 
-    params = dict(model.named_parameters())
-    out = {n: p for n, p in params.items() if p.requires_grad} if trainable else {}
-    merged = getattr(model, MERGED_DELTA_ATTR, None) or {}
-    for name, layer in lora_layers(model):
-        if base_weight_name(name) in merged and not merges_beside(layer):
-            out[f"{name}.base_layer.weight"] = params[f"{name}.base_layer.weight"]
-    out.update({MERGED_PREFIX + k: v for k, v in flat_merged(merged).items()})
+    out = {n: p for n, p in model.named_parameters() if p.requires_grad} if trainable else {}
+    out.update({MERGED_PREFIX + k: v for k, v in flat(getattr(model, "adarank_merged_delta", None) or {}).items()})
     return out
 
 
 def restore_model(model: torch.nn.Module, tensors: dict[str, torch.Tensor], ranks: dict[str, int], where: str,
                   trainable: bool = True) -> None:
-    """Give a PEFT model the checkpoint's per-module ranks, merged updates and merged base weights, and --
-    with `trainable` -- its trainable parameters. The model is freshly built (at r0, on the original base),
-    or one that trained on (a Trainer loading its best checkpoint): then an update merged since the
-    checkpoint was taken is taken back (the base weight restored, or the update beside it dropped)."""
-    from .surgery import (MERGED_DELTA_ATTR, ORIGINAL_ATTR, base_weight_name, lora_layers, merges_beside, resize_lora,
-                          set_beside, unflat_merged)
+    """Give a PEFT model the checkpoint's per-module ranks and merged updates (replayed into the base
+    weights, or set beside them, as they were in training) and -- with `trainable` -- its trainable
+    parameters. The model is freshly built (at r0, on the original base), or one that trained on (a Trainer
+    loading its best checkpoint): then what it merged since is taken back first."""
+    from .merged import apply_record, unflat
+    from .surgery import base_weight_name, lora_layers, resize_lora
 
     if ranks:
         resize_lora(model, ranks)
     params = dict(model.named_parameters())
     saved = {k: v for k, v in tensors.items() if not k.startswith(MERGED_PREFIX)}
-    merged = unflat_merged({k[len(MERGED_PREFIX):]: v for k, v in tensors.items() if k.startswith(MERGED_PREFIX)})
     missing = sorted(n for n, p in params.items() if trainable and p.requires_grad and n not in saved)
     unknown = sorted(set(saved) - set(params))
     if missing or unknown:
         raise ValueError(f"{where} does not fit the model (missing {missing[:3]}, unknown {unknown[:3]})")
-    originals = model.__dict__.setdefault(ORIGINAL_ATTR, {})
+    record = unflat({k[len(MERGED_PREFIX):]: v for k, v in tensors.items() if k.startswith(MERGED_PREFIX)})
+    apply_record(model, record, list(lora_layers(model)), base_weight_name)
     with torch.no_grad():
-        for name, layer in lora_layers(model):
-            key, weight = base_weight_name(name), f"{name}.base_layer.weight"
-            if merges_beside(layer):
-                if key in merged or hasattr(layer, "adarank_merged_B"):
-                    set_beside(layer, merged.get(key))
-            elif weight in saved and key not in originals:  # not merged in this model yet: it is the original
-                originals[key] = params[weight].detach().cpu().clone()
-            elif weight not in saved and key in originals:  # merged here since the checkpoint was taken
-                params[weight].copy_(originals[key])
         for name, value in saved.items():
             params[name].copy_(value)
-    setattr(model, MERGED_DELTA_ATTR, merged)
 
 
 # ---------------------------------------------------------------------------------------------- RNG states

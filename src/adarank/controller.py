@@ -10,7 +10,9 @@ Every `check_every` optimizer steps after `warmup_steps`, the controller looks a
 needs two windows at the new rank before it can grow again.
 
 With pruning on, a "prune" decision comes once, at the first step where `step >= ceil(prune_at·total_steps)`
-or, when `prune_after_r_max_steps` is set, that many steps after r_max was reached; no growth follows it.
+or, when `prune_after_r_max_steps` is set, that many steps after r_max was reached (by every module); no
+growth follows it. Under per-layer growth the loop reports the modules' ranks after each growth
+(`ranks_changed`), so growth goes on while any module is below r_max.
 
 A window holding a non-finite loss never triggers growth. In several processes the loop hands in the loss
 averaged over processes, so every process takes the same decision.
@@ -72,6 +74,7 @@ class RankController:
         self.total_steps = total_steps
         self.prune, self.prune_at, self.prune_after_r_max_steps = prune, prune_at, prune_after_r_max_steps
         self.rank = r0
+        self.full = r0 >= r_max  # every module at r_max (per-layer growth: see `ranks_changed`)
         self.r_max_step: int | None = 0 if r0 >= r_max else None
         self.pruned = False
         self.window: deque[float] = deque(maxlen=check_every)
@@ -128,7 +131,7 @@ class RankController:
             return self._hold(step, None, "non-finite loss in window")
         mean = sum(self.window) / len(self.window)
         prev, self.prev_mean = self.prev_mean, mean
-        if self.rank >= self.r_max:
+        if self.full:
             return self._hold(step, mean, "at r_max")
         if self.last_growth_step is not None and step - self.last_growth_step < self.cooldown_steps:
             return self._hold(step, mean, "cooldown")
@@ -143,11 +146,22 @@ class RankController:
             if improvement >= self.tol:
                 return self._hold(step, mean, f"improvement {improvement:.4f} >= tol {self.tol}")
             reason = f"improvement {improvement:.4f} < tol {self.tol}"
-        old, self.rank = self.rank, min(self.rank + self.alpha, self.r_max)
+        old = self.rank
         self.last_growth_step, self.prev_mean = step, None
-        if self.rank >= self.r_max:
-            self.r_max_step = step
+        self.ranks_changed(step, min(old + self.alpha, self.r_max), min(old + self.alpha, self.r_max))
         return Decision("grow", self.rank, old, step, mean, reason)
+
+    def ranks_changed(self, step: int, max_rank: int, min_rank: int) -> None:
+        """The model's ranks after a rank change at `step`. Growth of every module (the default) follows
+        the decision itself; per-layer growth grows only some modules, so the loop reports what the
+        modules hold: growth goes on while any module is below r_max, and r_max is reached (for
+        `prune_after_r_max_steps`) when all of them are."""
+        self.rank = max_rank
+        self.full = min_rank >= self.r_max
+        if not self.full:  # (observe assumed every module grew; the loop's report corrects that at once)
+            self.r_max_step = None
+        elif self.r_max_step is None:
+            self.r_max_step = step
 
     def _hold(self, step: int, mean: float | None, reason: str) -> Decision:
         return Decision("hold", self.rank, self.rank, step, mean, reason)
@@ -164,6 +178,7 @@ class RankController:
             "r_max_step": self.r_max_step,
             "pruned": self.pruned,
             "rank": self.rank,
+            "full": self.full,
             "window": list(self.window),
             "prev_mean": self.prev_mean,
             "last_growth_step": self.last_growth_step,
@@ -173,6 +188,7 @@ class RankController:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.__init__(**state["settings"])
         self.rank = state["rank"]
+        self.full = state.get("full", self.rank >= self.r_max)
         self.window.extend(state["window"])
         self.prev_mean = state["prev_mean"]
         self.last_growth_step = state["last_growth_step"]

@@ -131,7 +131,8 @@ def write_adapter(model: Any, directory: str, max_rank: int | None = None, base_
     factors, modules = {}, {}
     for name, layer in lora_layers(model):
         scaling = float(layer.scaling[ADAPTER])
-        u, s, vh = lora_svd(layer, extra=merged.get(base_weight_name(name)))  # live + merged, never dense
+        entry = merged.get(base_weight_name(name))
+        u, s, vh = lora_svd(layer, extra=entry.factors() if entry else None)  # live + merged, never dense
         numerical = int((s > RANK_RTOL * s[0]).sum()) if s[0] > 0 else 0
         k = max(1, min(numerical, max_rank) if max_rank else numerical)
         factors[name] = (*svd_factors(u, s, vh, k, scaling), scaling)
@@ -260,17 +261,10 @@ def export_adapter(run_dir: str, out_dir: str, max_rank: int | None = None, merg
 def _merged_model(model: Any) -> Any:
     """The plain transformers model: updates merged beside a low-precision base weight folded into it
     (rounded to its dtype, as any merged export of such a base is), then PEFT's merge_and_unload."""
-    from .surgery import BESIDE, merged_dense
+    from .merged import fold_beside
 
-    for name, layer in lora_layers(model):
-        if hasattr(layer, BESIDE[0]):
-            weight = layer.get_base_layer().weight
-            if not weight.dtype.is_floating_point:
-                raise ValueError(f"{name}: a merged (--merged) export of a quantized base is not supported; export "
-                                 "the adapter")
-            delta = merged_dense((getattr(layer, BESIDE[0]), getattr(layer, BESIDE[1])))
-            with torch.no_grad():
-                weight.add_((delta.T if layer.fan_in_fan_out else delta).to(weight))
+    for _, layer in lora_layers(model):
+        fold_beside(layer)
     return model.merge_and_unload()
 
 

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .surgery import MERGED_DELTA_ATTR, allocate_masked, apply_merged, flat_merged, unflat_merged
+from .merged import apply_record, flat, unflat
+from .surgery import MERGED_DELTA_ATTR, allocate_masked, base_weight_name, lora_layers
 
 DEFAULT_TARGETS = {
     "t5": ["q", "v"], "mt5": ["q", "v"], "umt5": ["q", "v"],
@@ -273,7 +274,7 @@ def save_run_model(model: nn.Module, tokenizer: Any, out_dir: str, base: str, ki
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(os.path.join(out_dir, "adapter"))
     tokenizer.save_pretrained(os.path.join(out_dir, "tokenizer"))
-    merged = flat_merged(getattr(model, MERGED_DELTA_ATTR, None) or {})
+    merged = flat(getattr(model, MERGED_DELTA_ATTR, None) or {})
     save_file({k: v.contiguous() for k, v in merged.items()}, os.path.join(out_dir, "merged_delta.safetensors"))
     with open(os.path.join(out_dir, "adarank_model.json"), "w", encoding="utf-8") as fh:
         json.dump({"base_model": base, "kind": kind, "seq2seq": kind == "seq2seq", "num_labels": num_labels,
@@ -281,8 +282,8 @@ def save_run_model(model: nn.Module, tokenizer: Any, out_dir: str, base: str, ki
 
 
 def load_run_model(model_dir: str) -> tuple[nn.Module, Any]:
-    """Rebuild a saved run's model: original base + the final adapter + the merged updates (into a
-    full-precision base weight, beside a low-precision or quantized one, as in training)."""
+    """Rebuild a saved run's model: original base + the final adapter + the merged updates (replayed into
+    the base weights, or set beside them, as in training)."""
     from peft import PeftModel
     from safetensors.torch import load_file
 
@@ -291,7 +292,8 @@ def load_run_model(model_dir: str) -> tuple[nn.Module, Any]:
     base, _ = load_base_model(resolve_model_path(meta["base_model"]), meta["num_labels"],
                               quantization=meta.get("quantization"))
     model = PeftModel.from_pretrained(base, os.path.join(model_dir, "adapter"))
-    apply_merged(model, unflat_merged(load_file(os.path.join(model_dir, "merged_delta.safetensors"))))
+    record = unflat(load_file(os.path.join(model_dir, "merged_delta.safetensors")))
+    apply_record(model, record, list(lora_layers(model)), base_weight_name)
     from transformers import AutoTokenizer
 
     return model, AutoTokenizer.from_pretrained(os.path.join(model_dir, "tokenizer"))

@@ -15,8 +15,8 @@ identity and shape, so DDP/FSDP wrappers and the optimizer stay valid (at the me
 
 s = lora_alpha / r is kept constant (lora_alpha follows r, or √r under rsLoRA; masked: lora_alpha is that
 of r_max), so old updates are never rescaled and B'·A'·s == B·A·s right after growth. `merge` also keeps
-the merged updates per base weight, as low-rank factors, in `model.adarank_merged_delta` (see `Merge`), so
-the run can be reloaded and exported relative to the original base. Surgery only touches modules;
+the merged updates per base weight, as the low-rank parts they were, in `model.adarank_merged_delta`
+(merged.py), so the run can be reloaded and exported relative to the original base. Surgery only touches modules;
 optimizer consequences live in `optim.py`.
 """
 
@@ -28,9 +28,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .merged import MergedUpdate, mark_tied, merge_part, merges_beside
+
 ADAPTER = "default"
 MERGED_DELTA_ATTR = "adarank_merged_delta"
-ORIGINAL_ATTR = "adarank_original_weight"  # full-precision base weights before their first merge (CPU copies)
 ACTIVE_ATTR = "adarank_active_r"  # on a masked layer: {adapter: active rank} (its PEFT `r` is the allocated r_max)
 
 # What the optimizer does with a layer's factors after surgery (optim.repoint_optimizer)
@@ -98,109 +99,22 @@ def rank_summary(model: nn.Module, adapter: str = ADAPTER) -> tuple[dict[str, in
 
 
 class Merge:
-    """Fold the live update into the base weight; a fresh adapter at the new rank (the original's rule).
-
-    The merged update is also kept as low-rank factors, ΔW_merged = B_m·A_m (fp32, CPU; each merge appends
-    the adapter's B·s and A, re-compressed once their rank exceeds the layer's), for reloading and exporting
-    relative to the original base: memory grows with the merged ranks, not with the layer's size. A base
-    in bf16/fp16 or quantized is not changed at all: its merged update is applied beside it, in fp32
-    (`merges_beside`), so that the model that reloads and exports is the model that trained."""
+    """Fold the live update away -- into the base weight, or beside it (see merged.py) -- and start a fresh
+    adapter at the new rank (the original's rule). The folded update is kept as the low-rank part it was."""
 
     name, keeps_shapes = "merge", False
 
     def grow(self, name: str, layer: nn.Module, rank: int, gen: torch.Generator | None, merged: dict,
-             adapter: str, originals: dict) -> str:
+             adapter: str) -> str:
         key = base_weight_name(name)
         scaling = float(layer.scaling[adapter])
-        b = layer.lora_B[adapter].weight.detach().float().cpu() * scaling
-        a = layer.lora_A[adapter].weight.detach().float().cpu()
-        old = merged.get(key)
-        merged[key] = compress_merged(*((torch.cat([old[0], b], dim=1), torch.cat([old[1], a])) if old else (b, a)))
-        if merges_beside(layer):
-            set_beside(layer, merged[key])
-        else:
-            base = layer.get_base_layer().weight
-            if key not in originals:  # so that a checkpoint from before this merge can be restored exactly
-                originals[key] = base.detach().cpu().clone()
-            with torch.no_grad():
-                base.add_(layer.get_delta_weight(adapter).to(base.dtype))  # PEFT's delta (Conv1D orientation)
+        part = (layer.lora_B[adapter].weight.detach().cpu().clone(), layer.lora_A[adapter].weight.detach().cpu().clone(),
+                scaling)
+        entry = merged.get(key) or merged.setdefault(key, MergedUpdate(merges_beside(layer)))
+        merge_part(layer, entry, part)
         set_lora_factors(layer, _new_a(rank, layer.in_features, gen), torch.zeros(layer.out_features, rank),
                          scaling, adapter)
         return FRESH
-
-
-# ---------------------------------------------------------------------------------------------- merged updates
-#
-#   merged[key] = (B_m, A_m):  ΔW_merged = B_m · A_m   (out x in, fp32, on the CPU; scaling folded into B_m)
-
-BESIDE = ("adarank_merged_B", "adarank_merged_A")  # buffers of a layer whose merged update is applied beside it
-
-
-def merges_beside(layer: nn.Module) -> bool:
-    """Whether merge leaves this layer's base weight alone: bf16/fp16 would round every merge into it, and
-    quantized weights cannot hold it; full-precision bases take the merge in place."""
-    base = layer.get_base_layer()
-    return type(base).__name__ not in ("Linear", "Conv1D") or base.weight.dtype not in (torch.float32, torch.float64)
-
-
-def merged_dense(entry: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """ΔW_merged (out x in) of one record entry."""
-    return entry[0] @ entry[1]
-
-
-def compress_merged(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, A) as they are while their rank is at most min(out, in) / 2; beyond, the same product at its
-    numerical rank (two thin QRs and a small SVD; never larger than the dense matrix)."""
-    if b.shape[1] <= min(b.shape[0], a.shape[1]) // 2:
-        return b, a
-    qb, rb = torch.linalg.qr(b)
-    qa, ra = torch.linalg.qr(a.T)
-    u, s, vh = torch.linalg.svd(rb @ ra.T)
-    k = max(1, int((s > s[0] * torch.finfo(s.dtype).eps * max(b.shape[0], a.shape[1])).sum())) if s[0] > 0 else 1
-    return (qb @ u[:, :k]) * s[:k], (qa @ vh[:k].T).T
-
-
-def _beside_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    b, a = getattr(module, BESIDE[0]), getattr(module, BESIDE[1])
-    return output + ((args[0].to(a.dtype) @ a.T) @ b.T).to(output.dtype)
-
-
-def set_beside(layer: nn.Module, entry: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-    """Apply `entry` (or nothing) beside the layer's base weight, in fp32, on the layer's device."""
-    device = layer.lora_A[next(iter(layer.lora_A))].weight.device
-    b, a = entry if entry is not None else (torch.zeros(layer.out_features, 0), torch.zeros(0, layer.in_features))
-    for name, value in zip(BESIDE, (b, a)):
-        layer.register_buffer(name, value.to(device=device, dtype=torch.float32), persistent=False)
-    if not getattr(layer, "_adarank_beside_hook", False):
-        layer.register_forward_hook(_beside_hook)
-        layer._adarank_beside_hook = True
-
-
-def apply_merged(model: nn.Module, merged: dict, adapter: str = ADAPTER) -> None:
-    """Give a model built on the original base the merged updates of `merged` (a run's record): beside
-    low-precision and quantized base weights, into full-precision ones."""
-    for name, layer in lora_layers(model, adapter):
-        entry = merged.get(base_weight_name(name))
-        if entry is None:
-            continue
-        if merges_beside(layer):
-            set_beside(layer, entry)
-        else:
-            weight = layer.get_base_layer().weight
-            delta = merged_dense(entry)
-            with torch.no_grad():
-                weight.add_((delta.T if layer.fan_in_fan_out else delta).to(weight))
-    setattr(model, MERGED_DELTA_ATTR, merged)
-
-
-def flat_merged(merged: dict) -> dict[str, torch.Tensor]:
-    """The record as flat tensors (for safetensors): KEY::B and KEY::A."""
-    return {f"{key}::{part}": t for key, (b, a) in merged.items() for part, t in (("B", b), ("A", a))}
-
-
-def unflat_merged(tensors: dict[str, torch.Tensor]) -> dict:
-    keys = {k.rsplit("::", 1)[0] for k in tensors}
-    return {key: (tensors[f"{key}::B"], tensors[f"{key}::A"]) for key in keys}
 
 
 class Expand:
@@ -209,7 +123,7 @@ class Expand:
     name, keeps_shapes = "expand", False
 
     def grow(self, name: str, layer: nn.Module, rank: int, gen: torch.Generator | None, merged: dict,
-             adapter: str, originals: dict) -> str:
+             adapter: str) -> str:
         old = int(layer.r[adapter])
         a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
         new_a = torch.cat([a.detach().float().cpu(), _new_a(rank - old, layer.in_features, gen)])
@@ -224,7 +138,7 @@ class Masked:
     name, keeps_shapes = "masked", True
 
     def grow(self, name: str, layer: nn.Module, rank: int, gen: torch.Generator | None, merged: dict,
-             adapter: str, originals: dict) -> str:
+             adapter: str) -> str:
         if not is_masked(layer, adapter):
             raise ValueError(f"{name}: strategy masked needs adapters allocated at r_max first (allocate_masked)")
         old, allocated = active_rank(layer, adapter), int(layer.r[adapter])
@@ -274,7 +188,8 @@ def grow_lora(
     if merged is None:
         merged = {}
         setattr(model, MERGED_DELTA_ATTR, merged)
-    originals = model.__dict__.setdefault(ORIGINAL_ATTR, {})
+    if grower.name == "merge":
+        mark_tied(model, layers)
     fates = {}
     for name, layer in layers:
         old_rank, rank = active_rank(layer, adapter), targets.get(name)
@@ -287,7 +202,7 @@ def grow_lora(
             raise NotImplementedError(problem)
         if is_masked(layer, adapter) and grower.name != "masked":
             raise ValueError(f"{name}: the adapter is allocated for masked growth; grow it with strategy masked")
-        fate = grower.grow(name, layer, rank, gen, merged, adapter, originals)
+        fate = grower.grow(name, layer, rank, gen, merged, adapter)
         fates.update(dict.fromkeys(factor_names(name, adapter), fate))
     _sync_peft_config(model, adapter, layers)
     return fates
@@ -449,8 +364,9 @@ def count_trainable(model: nn.Module, adapter: str = ADAPTER) -> int:
 
 def lora_svd(layer: nn.Module, adapter: str = ADAPTER, extra: tuple[torch.Tensor, torch.Tensor] | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U (out x r), S (r), Vh (r x in) of the layer's update B·A·scaling -- plus `extra` (a merged record
-    entry B_m·A_m) when given -- in fp32, from two thin QRs and a small SVD (never the dense out x in matrix)."""
+    """U (out x r), S (r), Vh (r x in) of the layer's update B·A·scaling -- plus `extra`, factors (B_m, A_m)
+    of a merged update, when given -- in fp32, from two thin QRs and a small SVD (never the dense out x in
+    matrix)."""
     a = layer.lora_A[adapter].weight.detach().float().cpu()
     b = layer.lora_B[adapter].weight.detach().float().cpu() * float(layer.scaling[adapter])
     if extra is not None:

@@ -497,6 +497,8 @@ class Run:
         if not get_strategy(self.cfg.adarank.strategy).keeps_shapes:  # DDP registered the old parameters
             self.model = rewrap_model(self.accelerator, self.model, raw)
         self._update_ranks()
+        if decision.grow:  # per-layer growth grew some modules only: the model's ranks decide what is left
+            self.controller.ranks_changed(decision.step, self.rank_max, min(lora_ranks(raw).values()))
         seconds = time.perf_counter() - start  # surgery and optimizer re-pointing
         self.decision_time += seconds
         event = {**decision_record(decision), "to_rank": self.rank_max, "rank_mean": self.rank_mean,
