@@ -104,6 +104,8 @@ def unsupported_setups():
         ("not LoRA", get_peft_model(tiny_bert(), __import__("peft").IA3Config(target_modules=["query"],
                                                                             feedforward_modules=[])), "expand",
          "needs a LoRA adapter"),
+        ("another LoRA variant (aLoRA)", lora(alora_invocation_tokens=[3]), "expand", "LoRA variant"),
+        ("PiSSA, which rewrites the base", lora(init_lora_weights="pissa"), "expand", "rewrites the base weights"),
     ]
 
 

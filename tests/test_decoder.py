@@ -24,10 +24,27 @@ def gpt_tok():
 
 
 def test_the_kind_of_a_model_decides_how_it_learns_a_task():
-    from transformers import BertConfig, GPT2Config, LlamaConfig, RobertaConfig, T5Config
+    from transformers import (BertConfig, GPT2Config, GPT2ForSequenceClassification, LlamaConfig, RobertaConfig,
+                              T5Config, XLNetConfig)
 
-    assert [model_kind(c()) for c in (GPT2Config, LlamaConfig, BertConfig, RobertaConfig, T5Config)] == [
-        "causal_lm", "causal_lm", "classifier", "classifier", "seq2seq"]
+    assert [model_kind(c()) for c in (GPT2Config, LlamaConfig, BertConfig, RobertaConfig, T5Config, XLNetConfig)] == [
+        "causal_lm", "causal_lm", "classifier", "classifier", "seq2seq", "classifier"]
+    config = GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=64)
+    assert model_kind(config, GPT2ForSequenceClassification(config)) == "classifier"  # a model passed in: its class
+
+
+def test_causal_targets_that_cannot_work_are_refused_before_any_step(tmp_path, glue_dir, gpt_tok):
+    from adarank.data import DataError
+
+    base = saved(tiny_gpt2(vocab_size=len(gpt_tok)), gpt_tok, tmp_path / "gpt2")
+    for overrides, message in (({"max_target_length": 1}, "makes the targets of not_equivalent and equivalent identical"),
+                               ({"max_length": 10}, "tokens for the prompt after")):
+        cfg = run_config(tmp_path, glue_dir, base, "expand")
+        for k, v in overrides.items():
+            setattr(cfg.model, k, v)
+        with pytest.raises(DataError, match=message):
+            Run(cfg)
+        assert not os.path.exists(cfg.train.output_dir)
 
 
 def test_causal_examples_put_the_loss_on_the_target_words_only(gpt_tok, glue_dir):

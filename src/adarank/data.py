@@ -120,6 +120,24 @@ def causal_targets(task: TaskSpec, tokenizer: Any, max_target_length: int) -> li
             for w in task.target_words]
 
 
+def check_causal(task: TaskSpec, tokenizer: Any, model_config: Any) -> list[list[int]]:
+    """The causal-LM targets, checked before any step: an end-of-sequence token to end them, different
+    targets for different labels, and room for a prompt within model.max_length."""
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no end-of-sequence token; a causal LM's target words need one after them")
+    targets = causal_targets(task, tokenizer, model_config.max_target_length)
+    same = [(task.label_names[i], task.label_names[j]) for i in range(len(targets)) for j in range(i)
+            if targets[i] == targets[j]]
+    if same:
+        raise DataError(f"model.max_target_length={model_config.max_target_length} makes the targets of "
+                        f"{same[0][1]} and {same[0][0]} identical; raise it")
+    longest = max(map(len, targets))
+    if model_config.max_length - longest < 8:
+        raise DataError(f"model.max_length={model_config.max_length} leaves {model_config.max_length - longest} "
+                        f"tokens for the prompt after {longest} target tokens; raise it")
+    return targets
+
+
 def tokenize(rows: list[dict], task: TaskSpec, tokenizer: Any, kind: bool | str, max_length: int,
              max_target_length: int) -> list[dict]:
     """Tokenize every example once. Classifiers get the text pair; seq2seq models the prompt as input and

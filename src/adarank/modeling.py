@@ -112,16 +112,24 @@ def check_max_length(config: Any, max_length: int, name: str) -> None:
                          "(its config's max_position_embeddings); set model.max_length to at most that")
 
 
-def model_kind(config: Any) -> str:
+# Causal-LM classes whose loss does not shift the labels (XLNet's permutation LM): not decoder-only here
+NOT_DECODER_ONLY = ("xlnet",)
+
+
+def model_kind(config: Any, model: Any = None) -> str:
     """How a model learns a GLUE task: "seq2seq" (encoder-decoder, text-to-text), "causal_lm" (decoder-only:
-    text-to-text after the prompt) or "classifier" (an encoder with a classification head). Decoder-only
-    means a model type transformers has a causal LM for and no masked LM (BERT and RoBERTa have both)."""
+    text-to-text after the prompt) or "classifier" (a classification head). Decoder-only means a model type
+    transformers has a causal LM for and no masked LM (BERT and RoBERTa have both). A model passed in
+    already built says it by its class (a GPT2ForSequenceClassification is a classifier)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     if config.is_encoder_decoder:
         return "seq2seq"
+    if model is not None:
+        return "classifier" if type(model).__name__.endswith("ForSequenceClassification") else "causal_lm"
     mtype = getattr(config, "model_type", "")
-    if mtype in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mtype not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+    if (mtype in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mtype not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+            and mtype not in NOT_DECODER_ONLY):
         return "causal_lm"
     return "classifier"
 
@@ -240,6 +248,9 @@ def prepare_model(model: nn.Module, kind: bool | str, cfg: Any, total_steps: int
     from .data import as_kind
 
     method, ac = cfg.method.name, cfg.adarank
+    if getattr(model, "is_quantized", False) and method in ("full", "head", "zero_shot"):
+        raise ModelError(f"model.quantization: method.name={method} trains or evaluates the quantized base itself; "
+                         "quantized bases are for LoRA methods (adarank, lora, adalora)")
     if method in ("adarank", "lora"):
         alpha = ac.lora_alpha_ratio * (ac.r0 ** 0.5 if ac.use_rslora else ac.r0)  # a scaling of lora_alpha_ratio
         model = apply_lora(model, kind, ac.r0, alpha, ac.target_modules, ac.lora_dropout, use_rslora=ac.use_rslora,

@@ -279,6 +279,10 @@ def check_growable(model: nn.Module, strategy: str, adapter: str = ADAPTER) -> N
     config = model.peft_config[adapter]
     if type(config).__name__ != "LoraConfig":
         raise ValueError(f"rank growth needs a LoRA adapter; {adapter!r} is a {type(config).__name__}")
+    init = config.init_lora_weights
+    if isinstance(init, str) and init.lower().split("_")[0] in ("pissa", "olora", "corda", "loftq", "lora"):  # lora_ga
+        raise ValueError(f"init_lora_weights={init!r} rewrites the base weights at setup, so there is no original base "
+                         "to grow and export against; use the default initialisation")
     active = getattr(model, "active_adapters", [adapter])
     if list(active) != [adapter]:
         raise ValueError(f"rank growth needs adapter {adapter!r} active; active: {list(active)}")

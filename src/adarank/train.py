@@ -29,7 +29,7 @@ from .checkpoint import (clean_partial, failpoint, latest_checkpoint, model_tens
                          rng_state, set_rng_state, write_checkpoint)
 from .config import RESUME_MAY_CHANGE, RunConfig, config_differences
 from .controller import RankController, decision_record
-from .data import EXTRAS, LengthGroupedBatchSampler, causal_targets, load_split, make_collator, tokenize
+from .data import EXTRAS, LengthGroupedBatchSampler, check_causal, load_split, make_collator, tokenize
 from .distributed import agree, check_launch_env, check_processes, process_max, rewrap_model, use_cpu
 from .importance import ImportanceTracker
 from .metrics import classification_metrics, decode_label
@@ -124,14 +124,16 @@ class Run:
             model, self.kind = load_base_model(self.model_path, self.task.num_labels, model_config,
                                                cfg.model.quantization, self.accelerator.device)
         else:
-            self.kind = model_kind(model.config)
+            self.kind = model_kind(model.config, model)
         if self.kind == "causal_lm" and self.tokenizer.pad_token is None:  # GPT-2, LLaMA: pad with end-of-text
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.method = cfg.method.name
+        if self.kind == "causal_lm":  # before tokenizing: the targets must fit and tell the labels apart
+            check_causal(self.task, self.tokenizer, mc)
         train_ds = tokenize(train_rows, self.task, self.tokenizer, self.kind, mc.max_length, mc.max_target_length)
         eval_ds = tokenize(eval_rows, self.task, self.tokenizer, self.kind, mc.max_length, mc.max_target_length)
         collate = make_collator(self.tokenizer, self.kind)
-        self.targets = causal_targets(self.task, self.tokenizer, mc.max_target_length) if self.kind == "causal_lm" else None
+        self.targets = check_causal(self.task, self.tokenizer, mc) if self.kind == "causal_lm" else None
         lengths = [len(x["input_ids"]) for x in train_ds]
         self.sampler = LengthGroupedBatchSampler(lengths, tc.batch_size, tc.seed, mega=50 if tc.group_by_length else 1)
         # own generators: iterating a DataLoader then draws its worker seed from them, not from the global RNG
