@@ -34,8 +34,14 @@ ADAPTER = "default"
 MERGED_DELTA_ATTR = "adarank_merged_delta"
 ACTIVE_ATTR = "adarank_active_r"  # on a masked layer: {adapter: active rank} (its PEFT `r` is the allocated r_max)
 
-# What the optimizer does with a layer's factors after surgery (optim.repoint_optimizer)
+# What the optimizer does with a layer's factors after surgery (optim.repoint_optimizer): KEPT, FRESH, or
+# (GROWN, dim, start) -- entries from `start` on along `dim` are new (A's rows, B's columns)
 KEPT, GROWN, FRESH = "kept", "grown", "fresh"
+
+
+def grown(start: int) -> tuple[tuple, tuple]:
+    """The fates of A and B when rank `start` grew: A's new rows, B's new columns."""
+    return (GROWN, 0, start), (GROWN, 1, start)
 
 
 def lora_layers(model: nn.Module, adapter: str = ADAPTER) -> Iterator[tuple[str, nn.Module]]:
@@ -129,7 +135,7 @@ class Expand:
         new_a = torch.cat([a.detach().float().cpu(), _new_a(rank - old, layer.in_features, gen)])
         new_b = torch.cat([b.detach().float().cpu(), torch.zeros(layer.out_features, rank - old)], dim=1)
         set_lora_factors(layer, new_a, new_b, float(layer.scaling[adapter]), adapter)
-        return GROWN
+        return grown(old)
 
 
 class Masked:
@@ -148,7 +154,7 @@ class Masked:
         with torch.no_grad():
             a[old:rank] = _new_a(rank - old, layer.in_features, gen).to(a.dtype)
         getattr(layer, ACTIVE_ATTR)[adapter] = rank
-        return GROWN  # same tensors, but state that is not a moment (factored, weight copies) starts fresh
+        return grown(old)  # same tensors, new entries: their state starts as a fresh parameter's would
 
 
 STRATEGIES = {s.name: s for s in (Merge(), Expand(), Masked())}
@@ -203,7 +209,7 @@ def grow_lora(
         if is_masked(layer, adapter) and grower.name != "masked":
             raise ValueError(f"{name}: the adapter is allocated for masked growth; grow it with strategy masked")
         fate = grower.grow(name, layer, rank, gen, merged, adapter)
-        fates.update(dict.fromkeys(factor_names(name, adapter), fate))
+        fates.update(zip(factor_names(name, adapter), fate if isinstance(fate, tuple) else (fate, fate)))
     _sync_peft_config(model, adapter, layers)
     return fates
 
