@@ -12,13 +12,16 @@ rotating with each repeat, and each figure is the median over repeats:
   timed from the decision to the rebuilt optimizer and scheduler;
 - lora: our loop with fixed-rank PEFT LoRA r=8 (no controller);
 - trainer: `transformers.Trainer` + PEFT LoRA r=8, the usual recipe: the same tokenized examples,
-  `DataCollatorWithPadding`, the same batch size, LR schedule and number of steps.
+  `DataCollatorWithPadding`, the same batch size, LR schedule and number of steps;
+- trainer_grouped: the same with the Trainer's own length grouping (`train_sampling_strategy=
+  "group_by_length"`), its best-configured form for padding-bound batches (our loop groups by length too).
 
 Step time and samples/s count training steps only (our loop's evaluation at the end is excluded; the Trainer
 evaluates nothing). The last line is
 
     overhead_ratio=<adarank s/step / lora s/step> growth_event_s=<median> trainer_speedup=<adarank samples/s /
-    trainer samples/s> peak_rss_ratio=<adarank / lora>
+    trainer samples/s> trainer_grouped_speedup=<adarank samples/s / trainer_grouped samples/s>
+    peak_rss_ratio=<adarank / lora>
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ def worker_loop(kind: str, args: argparse.Namespace) -> dict:
     return out
 
 
-def worker_trainer(args: argparse.Namespace) -> dict:
+def worker_trainer(args: argparse.Namespace, grouped: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
@@ -99,6 +102,7 @@ def worker_trainer(args: argparse.Namespace) -> dict:
             output_dir=tmp, per_device_train_batch_size=tc.batch_size, max_steps=args.steps, learning_rate=tc.lr,
             warmup_steps=math.ceil(tc.warmup_ratio * args.steps), lr_scheduler_type="linear", max_grad_norm=tc.max_grad_norm,
             logging_steps=tc.logging_steps, save_strategy="no", eval_strategy="no", report_to=[], seed=args.seed,
+            train_sampling_strategy="group_by_length" if grouped else "random",
             use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
         )
         trainer = Trainer(model=model, args=targs, train_dataset=dataset,
@@ -106,7 +110,7 @@ def worker_trainer(args: argparse.Namespace) -> dict:
         start = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - start
-    return {"kind": "trainer", "steps": args.steps, "step_time_s": wall / args.steps,
+    return {"kind": "trainer_grouped" if grouped else "trainer", "steps": args.steps, "step_time_s": wall / args.steps,
             "samples_per_s": args.steps * tc.batch_size / wall, "peak_rss_mb": peak_rss_mb()}
 
 
@@ -129,17 +133,18 @@ def main() -> int:
     parser.add_argument("--growth-events", type=int, default=6, help="timed growth events per adarank repeat")
     parser.add_argument("--data-dir", default=os.path.join(ROOT, "..", "shared", "data", "glue"))
     parser.add_argument("--output", help="also write every measurement as JSON here")
-    parser.add_argument("--worker", choices=["adarank", "lora", "trainer"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["adarank", "lora", "trainer", "trainer_grouped"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        res = worker_trainer(args) if args.worker == "trainer" else worker_loop(args.worker, args)
+        res = (worker_trainer(args, grouped=args.worker == "trainer_grouped") if args.worker.startswith("trainer")
+               else worker_loop(args.worker, args))
         print(json.dumps(res))
         return 0
 
-    kinds = ["adarank", "lora", "trainer"]
+    kinds = ["adarank", "lora", "trainer", "trainer_grouped"]
     results: dict[str, list[dict]] = {k: [] for k in kinds}
     for rep in range(args.repeats):
-        order = kinds[rep % 3:] + kinds[:rep % 3]
+        order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
         for kind in order:
             res = spawn(kind, args)
             results[kind].append(res)
@@ -152,7 +157,7 @@ def main() -> int:
     growth = [g for r in results["adarank"] for g in r["growth_events"]]
     for strategy in ("expand", "merge"):
         times = [g["seconds"] for g in growth if g["strategy"] == strategy]
-        print(f"growth events ({strategy}, rank {args.rank} and up, optimizer and scheduler rebuild included): "
+        print(f"growth events ({strategy}, rank {args.rank} and up, the optimizer's update included): "
               f"median {statistics.median(times):.4f} s, max {max(times):.4f} s over {len(times)}")
     for kind in kinds:
         print(f"{kind}: median {med(kind, 'step_time_s'):.4f} s/step, {med(kind, 'samples_per_s'):.1f} samples/s, "
@@ -161,6 +166,7 @@ def main() -> int:
         "overhead_ratio": med("adarank", "step_time_s") / med("lora", "step_time_s"),
         "growth_event_s": statistics.median(g["seconds"] for g in growth),
         "trainer_speedup": med("adarank", "samples_per_s") / med("trainer", "samples_per_s"),
+        "trainer_grouped_speedup": med("adarank", "samples_per_s") / med("trainer_grouped", "samples_per_s"),
         "peak_rss_ratio": med("adarank", "peak_rss_mb") / med("lora", "peak_rss_mb"),
     }
     if args.output:
