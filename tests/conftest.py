@@ -109,6 +109,14 @@ def tiny_llama(vocab_size: int = 64, seed: int = 0):
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).eval()
 
 
+def tiny_run_config(tmp_path, glue_dir: str, tok, template: str) -> str:
+    """A YAML config file for a tiny BERT saved under tmp_path: `template` with {base} and {glue} filled."""
+    base = saved(tiny_bert(vocab_size=len(tok)), tok, tmp_path / "base")
+    path = tmp_path / "run.yaml"
+    path.write_text(template.format(base=base, glue=glue_dir))
+    return str(path)
+
+
 def saved(model, tok, path) -> str:
     """Save a tiny model and its tokenizer as a local model directory; returns its path."""
     model.save_pretrained(path)

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import saved, tiny_bert
+from conftest import tiny_bert, tiny_run_config
 from test_resume import cli, outcome
 
 from adarank.cli import main
@@ -31,10 +31,7 @@ adarank: {{r0: 2, r_max: 8, alpha: 2, tol: 0.0, check_every: 4, warmup_steps: 4,
 
 @pytest.fixture
 def config_file(tmp_path, glue_dir, bert_tok):
-    base = saved(tiny_bert(vocab_size=len(bert_tok)), bert_tok, tmp_path / "base")
-    path = tmp_path / "run.yaml"
-    path.write_text(CONFIG.format(base=base, glue=glue_dir))
-    return str(path)
+    return tiny_run_config(tmp_path, glue_dir, bert_tok, CONFIG)
 
 
 def test_two_processes_agree_log_once_and_resume_exactly(tmp_path, config_file):
@@ -76,23 +73,25 @@ def test_two_processes_agree_log_once_and_resume_exactly(tmp_path, config_file):
     assert outcome(stopped_dir) == outcome(ref)
 
 
-def spawn(nproc: int, argv: list[str], env: dict | None = None) -> list[subprocess.Popen]:
-    """`nproc` connected processes of `python ARGV`, with the environment torchrun gives its workers."""
+def spawn(nproc: int, argv: list[str], env: dict | None = None) -> tuple[list[int], list[str]]:
+    """Run `nproc` connected processes of `python ARGV` (with the environment torchrun gives its workers)
+    to their end: their exit codes and outputs."""
     port = _free_port()
-    return [subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             env={**os.environ, **(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                                  "WORLD_SIZE": str(nproc), "RANK": str(r), "LOCAL_RANK": str(r)})
-            for r in range(nproc)]
+    procs = [subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, **(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                   "WORLD_SIZE": str(nproc), "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(nproc)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    return [p.returncode for p in procs], outs
 
 
 def test_rewrapping_after_growth_stacks_no_wrappers(tmp_path, config_file):
     """bf16 autocast on CPU: Accelerate patches the model's forward once; growth must not patch it again."""
     probe = tmp_path / "probe"
     probe.mkdir()
-    procs = spawn(2, [os.path.join(HERE, "dist_probe.py"), config_file, str(tmp_path / "out"), str(probe),
-                      "train.mixed_precision=bf16"])
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:]
+    codes, outs = spawn(2, [os.path.join(HERE, "dist_probe.py"), config_file, str(tmp_path / "out"), str(probe),
+                            "train.mixed_precision=bf16"])
+    assert codes == [0, 0], outs[0][-3000:]
     ranks = [read_jsonl(str(probe / f"rank{r}.jsonl")) for r in (0, 1)]
     assert [r["when"] for r in ranks[0]] == ["start", "grow@4", "grow@8", "grow@12", "prune@15"]
     assert [r["digest"] for r in ranks[0]] == [r["digest"] for r in ranks[1]]
@@ -105,10 +104,9 @@ def test_masked_growth_needs_no_rewrap_in_our_loop(tmp_path, config_file):
     """strategy masked (with a prune, in place too): the same DDP wrapper all run, identical parameters."""
     probe = tmp_path / "probe"
     probe.mkdir()
-    procs = spawn(2, [os.path.join(HERE, "dist_probe.py"), config_file, str(tmp_path / "out"), str(probe),
-                      "adarank.strategy=masked"])
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:]
+    codes, outs = spawn(2, [os.path.join(HERE, "dist_probe.py"), config_file, str(tmp_path / "out"), str(probe),
+                            "adarank.strategy=masked"])
+    assert codes == [0, 0], outs[0][-3000:]
     ranks = [read_jsonl(str(probe / f"rank{r}.jsonl")) for r in (0, 1)]
     assert [r["when"] for r in ranks[0]] == ["start", "grow@4", "grow@8", "grow@12", "prune@15"]
     assert [r["digest"] for r in ranks[0]] == [r["digest"] for r in ranks[1]]
@@ -119,13 +117,12 @@ def test_masked_growth_needs_no_rewrap_in_our_loop(tmp_path, config_file):
 def test_the_callback_in_a_two_process_trainer(tmp_path, strategy):
     """A user's Trainer script in 2 processes (gloo): masked growth keeps both processes identical after every
     rank change; expand, which would need the DDP wrapper rebuilt, is refused with one line."""
-    procs = spawn(2, [os.path.join(HERE, "trainer_probe.py"), str(tmp_path), strategy])
-    outs = [p.communicate(timeout=300)[0] for p in procs]
+    codes, outs = spawn(2, [os.path.join(HERE, "trainer_probe.py"), str(tmp_path), strategy])
     if strategy == "expand":
-        assert all(p.returncode != 0 for p in procs)
+        assert all(codes)
         assert "AdaRankCallback in 2 processes needs adarank.strategy='masked'" in outs[0]
         return
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:]
+    assert codes == [0, 0], outs[0][-3000:]
     ranks = [read_jsonl(str(tmp_path / f"rank{r}.jsonl")) for r in (0, 1)]
     assert [(r["step"], r["action"]) for r in ranks[0]] == [(3, "grow"), (6, "grow"), (8, "prune")]
     assert ranks[0] == ranks[1]  # the same digests, taken by each process itself

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import saved, tiny_bert
+from conftest import tiny_run_config
 
 from adarank import load_config
 from adarank.checkpoint import complete_checkpoints
@@ -45,10 +45,7 @@ SCENARIOS = {
 
 @pytest.fixture
 def config_file(tmp_path, glue_dir, bert_tok):
-    base = saved(tiny_bert(vocab_size=len(bert_tok)), bert_tok, tmp_path / "base")
-    path = tmp_path / "run.yaml"
-    path.write_text(CONFIG.format(base=base, glue=glue_dir))
-    return str(path)
+    return tiny_run_config(tmp_path, glue_dir, bert_tok, CONFIG)
 
 
 def cli(config: str, out: str, overrides: list[str], *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
