@@ -139,3 +139,41 @@ def test_text_to_text_bench_adds_the_zero_shot_score(tmp_path, glue_dir, t5_tok)
     assert next(line for line in text.splitlines() if line.startswith("| zero_shot |"))
     with open(os.path.join(tmp_path, "res", "zero_shot__seed0.json")) as fh:
         assert json.load(fh)["config"]["model"]["name_or_path"] == base
+
+
+def test_bench_chooses_each_learning_rate_on_the_dev_split(tmp_path, glue_dir, bert_tok):
+    """Selection runs train without the dev split and score it; the reported runs use the best rate and the
+    whole training split; the report shows the selection table; a changed config makes a result stale."""
+    base = saved(tiny_bert(vocab_size=len(bert_tok)), bert_tok, tmp_path / "bert")
+    suite = make_suite(tmp_path, base, {"lora_r2": "method: {name: lora}\nselect: {lr: [0.0001, 0.05], seeds: [0, 1]}\n",
+                                        "adarank_expand": "method: {name: adarank}\n"}, glue_dir)
+    out, results = tmp_path / "out", tmp_path / "results"
+    summary = run_bench(suite, str(out), str(results), seeds=[0], log=lambda _: None)
+    assert summary["failed"] == {}
+    sel = {f: json.load(open(results / "select" / f)) for f in os.listdir(results / "select")}
+    assert sorted(sel) == [f"lora_r2__lr{lr}__seed{s}.json" for lr in ("0.0001", "0.05") for s in (0, 1)]
+    for res in sel.values():  # 64 training rows: 58 trained on, 6 (10 %, stratified) scored
+        assert res["config"]["data"]["eval_split"] == "dev" and res["final"]["n"] == 6
+        assert res["config"]["train"]["lr"] == res["bench"]["selection_lr"]
+    mean = {lr: statistics.fmean(r["final"]["accuracy"] for r in sel.values() if r["bench"]["selection_lr"] == lr)
+            for lr in (0.0001, 0.05)}
+    loss = {lr: statistics.fmean(r["final"]["eval_loss"] for r in sel.values() if r["bench"]["selection_lr"] == lr)
+            for lr in (0.0001, 0.05)}
+    best = max(mean, key=lambda lr: (mean[lr], -loss[lr]))
+    assert summary["chosen"] == {"lora_r2": best}
+    final = json.load(open(results / "lora_r2__seed0.json"))
+    assert final["config"]["train"]["lr"] == best and final["config"]["data"]["eval_split"] == "validation"
+    assert final["final"]["n"] == 32
+    assert json.load(open(results / "adarank_expand__seed0.json"))["config"]["train"]["lr"] == 0.005  # no grid
+    text = open(summary["report"]).read()
+    row = next(line for line in text.splitlines() if line.startswith("| lora_r2 | ") and "**" in line)
+    assert f"**{100 * mean[best]:.2f} (n=2)**" in row and row.endswith(f"| {best:g} |")
+
+    again = run_bench(suite, str(out), str(results), seeds=[0], log=lambda _: None)
+    assert again["ran"] == [] and len(again["skipped"]) == 6
+    # a results file made with another config is stale: it is rerun, not reported as if current
+    with open(os.path.join(suite, "adarank_expand.yaml"), "a") as fh:
+        fh.write("train: {batch_size: 4}\n")
+    third = run_bench(suite, str(out), str(results), seeds=[0], log=lambda _: None)
+    assert third["ran"] == ["adarank_expand__seed0"]
+    assert json.load(open(results / "adarank_expand__seed0.json"))["config"]["train"]["batch_size"] == 4

@@ -74,3 +74,31 @@ def test_every_shipped_config_loads(path):
 def test_shipped_configs_exist():
     names = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml"))}
     assert {"mrpc_t5_base.yaml", "mrpc_minilm.yaml", "mrpc_minilm_lora_r8.yaml"} <= names
+
+
+@pytest.mark.parametrize(
+    "raw, field",
+    [
+        ({"data": {"eval_split": "test"}}, "data.eval_split"),  # test splits are reserved
+        ({"data": {"dev_fraction": 1.0}}, "data.dev_fraction"),
+        ({"data": {"dev_fraction": 0}}, "data.dev_fraction"),
+        ({"data": {"dev_seed": -1}}, "data.dev_seed"),
+        ({"select": {"lr": []}}, "select.lr"),
+        ({"select": {"lr": [1e-3, "fast"]}}, "select.lr"),
+        ({"select": {"lr": [1e-3, 0.0]}}, "select.lr"),
+        ({"select": {"lr": [1e-3, 1e-3]}}, "select.lr"),
+        ({"select": {"seeds": []}}, "select.seeds"),
+        ({"select": {"metric": "loss"}}, "select.metric"),
+    ],
+)
+def test_protocol_fields_are_checked(raw, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        RunConfig.from_dict(raw)
+
+
+def test_select_grid_reads_yaml_numbers_and_may_change_on_resume():
+    from adarank.config import RESUME_MAY_CHANGE
+
+    cfg = RunConfig.from_dict({"select": {"lr": ["1e-3", 3.0e-4]}})  # YAML 1.1 reads 1e-3 as a string
+    assert cfg.select.lr == [1e-3, 3e-4] and cfg.data.eval_split == "validation"
+    assert {"select.lr", "select.seeds", "select.metric"} <= set(RESUME_MAY_CHANGE)

@@ -121,3 +121,35 @@ def test_per_layer_growth_goes_on_until_every_module_reaches_r_max():
         if d.prune:
             break
     assert grown_at == [2, 4, 6] and ctrl.r_max_step == 6 and (d.prune, d.step) == (True, 9)
+
+
+def test_fixed_grows_at_every_check_whatever_the_loss():
+    c = RankController(r0=4, r_max=12, alpha=2, check_every=3, warmup_steps=3, criterion="fixed")
+    grown = [s for s in range(1, 16) if c.observe(s, 1.0 / s).grow]  # a loss falling fast: plateau would hold
+    assert grown == [3, 6, 9, 12]  # 4 -> 6 -> 8 -> 10 -> 12, then at r_max
+    assert c.rank == 12
+
+
+def test_significance_holds_on_a_real_descent_and_grows_on_noise():
+    """The same relative improvement (5 %) is a plateau under noise and a real descent without it: the
+    significance rule tells them apart, the relative rule (tol 0.10) cannot."""
+    def windows(noise):  # two windows of 50 losses, the second 5 % lower, each alternating ±noise around its mean
+        return [m + noise * (-1) ** i for m in (1.0, 0.95) for i in range(50)]
+
+    for noise, grows in ((0.01, False), (0.2, True)):
+        sig = RankController(r0=4, r_max=64, tol=2.0, check_every=50, warmup_steps=0, criterion="significance")
+        rel = RankController(r0=4, r_max=64, tol=0.10, check_every=50, warmup_steps=0, criterion="plateau")
+        losses = windows(noise)
+        assert [s for s, x in enumerate(losses, 1) if sig.observe(s, x).grow] == ([100] if grows else [])
+        assert [s for s, x in enumerate(losses, 1) if rel.observe(s, x).grow] == [100]
+
+
+def test_significance_state_round_trip():
+    kw = dict(r0=4, r_max=64, tol=2.0, check_every=4, warmup_steps=0, criterion="significance")
+    a, b = RankController(**kw), RankController(**kw)
+    losses = [1.0, 0.9, 1.1, 0.95, 0.7, 0.72, 0.69, 0.71, 0.7, 0.71, 0.69, 0.7]
+    for s, x in enumerate(losses[:6], 1):
+        a.observe(s, x)
+    b.load_state_dict(a.state_dict())
+    assert b.prev_var == a.prev_var is not None
+    assert [a.observe(s, x) for s, x in enumerate(losses[6:], 7)] == [b.observe(s, x) for s, x in enumerate(losses[6:], 7)]

@@ -85,3 +85,39 @@ def test_tokenize_pairs(bert_tok):
     out = tokenize([{"sentence1": "the cat", "sentence2": "the dog", "label": 1}], MRPC, bert_tok, False, 32, 8)
     assert bert_tok.convert_ids_to_tokens(out[0]["input_ids"]) == ["[CLS]", "the", "cat", "[SEP]", "the", "dog", "[SEP]"]
     assert out[0]["labels"] == 1
+
+
+def test_dev_split_is_stratified_fixed_disjoint_and_keeps_the_order():
+    import os
+
+    from adarank.config import DataConfig
+    from adarank.data import dev_split, load_train_eval
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "glue")
+    train = load_split(MRPC, "train", root)
+    rest, dev = load_train_eval(MRPC, DataConfig(task="mrpc", data_dir=root, eval_split="dev"))
+    assert len(dev) == round(0.1 * len(train)) and len(rest) + len(dev) == len(train)
+    key = lambda r: (r["sentence1"], r["sentence2"])  # noqa: E731
+    assert not {key(r) for r in rest} & {key(r) for r in dev}
+    pos = sum(r["label"] for r in train) / len(train)
+    assert abs(sum(r["label"] for r in dev) / len(dev) - pos) < 1 / len(dev)  # stratified: the same label mix
+    # the same split every time (and for every method and run seed); another dev_seed draws another
+    _, again = dev_split(train, 0.1, 0)
+    assert again == dev
+    index = {id(r): i for i, r in enumerate(train)}
+    assert [index[id(r)] for r in again] == sorted(index[id(r)] for r in again)  # the file's order
+    assert dev_split(train, 0.1, 1)[1] != dev
+    # validation: the whole training split; limits apply after the split
+    assert load_train_eval(MRPC, DataConfig(task="mrpc", data_dir=root))[0] == train
+    short = load_train_eval(MRPC, DataConfig(task="mrpc", data_dir=root, eval_split="dev", max_train_samples=10,
+                                             max_eval_samples=5))
+    assert short == (rest[:10], dev[:5])
+
+
+def test_dev_split_too_small_is_one_clear_error():
+    from adarank.data import dev_split
+
+    rows = [{"sentence1": "a", "sentence2": "b", "label": i % 2} for i in range(6)]
+    with pytest.raises(DataError, match=r"data.dev_fraction=0.1: cannot hold out a stratified development split of 1"):
+        dev_split(rows, 0.1, 0)
+    assert len(dev_split(rows, 0.5, 0)[1]) == 3

@@ -34,14 +34,27 @@ DEFAULT_SEEDS = (0, 1, 2)
 
 @dataclass
 class Job:
+    """One `adarank train` run of a bench: a reported run (`lr` None: the method's chosen learning rate is
+    in `overrides`) or a learning-rate selection run (`lr` set: trained and scored on the dev split)."""
+
     method: str
     seed: int
     config: str
     overrides: list[str]
+    lr: float | None = None
 
     @property
     def key(self) -> str:
-        return f"{self.method}__seed{self.seed}"
+        """The results file's name under the results directory, without `.json`."""
+        if self.lr is None:
+            return f"{self.method}__seed{self.seed}"
+        return f"select/{self.method}__lr{self.lr:g}__seed{self.seed}"
+
+    @property
+    def run_subdir(self) -> str:
+        if self.lr is None:
+            return os.path.join(self.method, f"seed{self.seed}")
+        return os.path.join("select", self.method, f"lr{self.lr:g}_seed{self.seed}")
 
 
 def suite_methods(suite: str) -> dict[str, str]:
@@ -70,7 +83,8 @@ def is_text_to_text(config_path: str, overrides: list[str]) -> bool:
 
 
 def plan(suite: str, seeds: list[int], methods: list[str] | None, quick: bool, overrides: list[str]) -> list[Job]:
-    """The jobs of a bench, every config checked before anything runs."""
+    """The reported runs of a bench (learning rates as the configs give them), every config checked before
+    anything runs."""
     available = suite_methods(suite)
     chosen = methods or list(available)
     unknown = [m for m in chosen if m not in available and m != "zero_shot"]
@@ -87,6 +101,50 @@ def plan(suite: str, seeds: list[int], methods: list[str] | None, quick: bool, o
         # the pretrained model does not depend on the seed: one run
         jobs.append(Job("zero_shot", seeds[0], first, extra + ["method.name=zero_shot"]))
     return jobs
+
+
+def selection_jobs(jobs: list[Job]) -> list[Job]:
+    """The learning-rate selection runs of the methods among `jobs` whose config has a `select.lr` grid of
+    two or more values: one per value and selection seed, on the dev split. Seed-major, as `plan`."""
+    out, seen = [], set()
+    for job in jobs:
+        if job.method in seen or job.lr is not None:
+            continue
+        seen.add(job.method)
+        sel = load_config(job.config, job.overrides).select
+        if sel.lr is None or len(sel.lr) < 2:
+            continue
+        out += [Job(job.method, seed, job.config, job.overrides + ["data.eval_split=dev", f"train.lr={lr!r}"], lr)
+                for seed in sel.seeds for lr in sel.lr]
+    return sorted(out, key=lambda j: sel_order(j, out))
+
+
+def sel_order(job: Job, jobs: list[Job]) -> tuple:
+    seeds = sorted({j.seed for j in jobs})
+    return (seeds.index(job.seed), [j.method for j in jobs].index(job.method), job.lr)
+
+
+def choose_lr(results_dir: str, config: str, overrides: list[str]) -> tuple[float | None, dict[float, dict]]:
+    """(chosen learning rate, {lr: {"score", "eval_loss", "runs"}}) for one method from its selection runs'
+    results files; the chosen one is None while any selection run has no results file, or when the method
+    has no grid. Best mean `select.metric` over the selection seeds; ties: the lower mean validation loss."""
+    sel = load_config(config, overrides).select
+    if sel.lr is None or len(sel.lr) < 2:
+        return None, {}
+    method = os.path.splitext(os.path.basename(config))[0]
+    table: dict[float, dict] = {}
+    for lr in sel.lr:
+        finals = []
+        for seed in sel.seeds:
+            path = os.path.join(results_dir, Job(method, seed, config, [], lr).key + ".json")
+            if not os.path.exists(path):
+                return None, table
+            with open(path, encoding="utf-8") as fh:
+                finals.append(json.load(fh)["final"])
+        table[lr] = {"score": sum(f[sel.metric] for f in finals) / len(finals),
+                     "eval_loss": sum(f["eval_loss"] for f in finals) / len(finals), "runs": len(finals)}
+    best = max(table, key=lambda lr: (table[lr]["score"], -table[lr]["eval_loss"]))
+    return best, table
 
 
 def _command(job: Job, run_dir: str, data_dir: str | None, force: bool = False) -> list[str]:
@@ -130,55 +188,121 @@ def run_bench(
     overrides: list[str] | None = None,
     force: bool = False,
     command: str | None = None,
+    select_only: bool = False,
     log=print,
 ) -> dict:
-    """Run the grid; returns {"ran": [...], "skipped": [...], "failed": {key: log path}, "report": path or None}."""
+    """Run the bench: first every learning-rate selection run (dev split), then the reported runs with
+    each method's chosen learning rate. Returns {"ran": [...], "skipped": [...], "failed": {key: log
+    path}, "chosen": {method: lr}, "report": path or None}."""
     from .bench_report import write_report
 
     seeds = list(DEFAULT_SEEDS[:1] if quick else DEFAULT_SEEDS) if seeds is None else list(seeds)
     if not seeds:
         raise ConfigError("--seeds: give at least one seed")
     results_dir = results_dir or os.path.join(output_dir, "results")
-    todo = plan(suite, seeds, methods, quick, overrides or [])
-    os.makedirs(results_dir, exist_ok=True)
-    pending = [j for j in todo if force or not os.path.exists(os.path.join(results_dir, j.key + ".json"))]
-    skipped = [j.key for j in todo if j not in pending]
-    if skipped:
-        log(f"bench: {len(skipped)} run(s) already have results in {results_dir}; skipping them (--force reruns)")
-    env = dict(os.environ)
-    if jobs > 1:  # share the cores instead of oversubscribing them
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
-    running: list[tuple[Job, subprocess.Popen, str, float]] = []
-    ran, failed = [], {}
-    queue = list(pending)
-    while queue or running:
-        while queue and len(running) < jobs:
-            job = queue.pop(0)
-            run_dir = os.path.join(output_dir, "runs", job.method, f"seed{job.seed}")
-            os.makedirs(run_dir, exist_ok=True)
-            log_path = os.path.join(run_dir, "bench.log")
-            with open(log_path, "a", encoding="utf-8") as fh:  # an earlier attempt's log stays above
-                proc = subprocess.Popen(_command(job, run_dir, data_dir, force), stdout=fh, stderr=subprocess.STDOUT,
-                                        env=env)
-            running.append((job, proc, run_dir, time.time()))
-            log(f"bench: started {job.key}")
-        time.sleep(0.5)
-        for item in list(running):
-            job, proc, run_dir, started = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            log_path = os.path.join(run_dir, "bench.log")
-            if proc.returncode != 0:
-                failed[job.key] = log_path
-                log(f"bench: FAILED {job.key} (exit {proc.returncode}); log: {log_path}")
-                continue
-            collect(run_dir, results_dir, job, suite, quick, command, jobs, env.get("OMP_NUM_THREADS"))
-            ran.append(job.key)
-            log(f"bench: done {job.key} in {time.time() - started:.0f}s ({len(ran) + len(failed)}/{len(pending)})")
+    reported = plan(suite, seeds, methods, quick, overrides or [])
+    pool = _Pool(output_dir, results_dir, data_dir, force, jobs, suite, quick, command, log)
+    if quick:
+        log("bench: --quick: no learning-rate selection, each config's train.lr is used")
+    else:
+        pool.run(selection_jobs(reported))
+    chosen, finals = {}, []
+    for job in reported:
+        lr, _ = (None, {}) if quick or job.method == "zero_shot" else choose_lr(results_dir, job.config, job.overrides)
+        grid = None if quick or job.method == "zero_shot" else load_config(job.config, job.overrides).select.lr
+        if grid is not None and len(grid) > 1 and lr is None:
+            continue  # its selection is incomplete (a failed run is reported): nothing to report yet
+        if lr is not None:
+            chosen[job.method] = lr
+            job = Job(job.method, job.seed, job.config, job.overrides + [f"train.lr={lr!r}"])
+        finals.append(job)
+    for method, lr in chosen.items():
+        log(f"bench: {method}: learning rate {lr:g} chosen on the dev split")
+    if not select_only:
+        pool.run(finals)
     have_results = any(f.endswith(".json") and "__seed" in f for f in os.listdir(results_dir))
     report = write_report(results_dir) if have_results else None
-    return {"ran": ran, "skipped": skipped, "failed": failed, "report": report}
+    return {"ran": pool.ran, "skipped": pool.skipped, "failed": pool.failed, "chosen": chosen, "report": report}
+
+
+class _Pool:
+    """Runs jobs as subprocesses, `jobs` at a time; skips those whose results file is up to date."""
+
+    def __init__(self, output_dir, results_dir, data_dir, force, jobs, suite, quick, command, log):
+        self.output_dir, self.results_dir, self.data_dir, self.force = output_dir, results_dir, data_dir, force
+        self.jobs, self.suite, self.quick, self.command, self.log = jobs, suite, quick, command, log
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+        self.failed: dict[str, str] = {}
+        self.env = dict(os.environ)
+        if jobs > 1:  # share the cores instead of oversubscribing them
+            self.env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+
+    def run(self, todo: list[Job]) -> None:
+        pending, stale = [], []
+        for job in todo:
+            state = "run" if self.force else _results_state(os.path.join(self.results_dir, job.key + ".json"), job,
+                                                              self.data_dir)
+            if state == "done":
+                self.skipped.append(job.key)
+            else:
+                pending.append(job)
+                if state == "stale":
+                    stale.append(job.key)
+        skipped = [j.key for j in todo if j not in pending]
+        if skipped:
+            self.log(f"bench: {len(skipped)} run(s) already have results in {self.results_dir}; skipping them "
+                     "(--force reruns)")
+        if stale:
+            self.log(f"bench: {len(stale)} results file(s) were made with another config; rerunning: {', '.join(stale)}")
+        running: list[tuple[Job, subprocess.Popen, str, float]] = []
+        done = 0
+        queue = list(pending)
+        while queue or running:
+            while queue and len(running) < self.jobs:
+                job = queue.pop(0)
+                run_dir = os.path.join(self.output_dir, "runs", job.run_subdir)
+                os.makedirs(run_dir, exist_ok=True)
+                log_path = os.path.join(run_dir, "bench.log")
+                with open(log_path, "a", encoding="utf-8") as fh:  # an earlier attempt's log stays above
+                    proc = subprocess.Popen(_command(job, run_dir, self.data_dir, self.force), stdout=fh,
+                                            stderr=subprocess.STDOUT, env=self.env)
+                running.append((job, proc, run_dir, time.time()))
+                self.log(f"bench: started {job.key}")
+            time.sleep(0.5)
+            for item in list(running):
+                job, proc, run_dir, started = item
+                if proc.poll() is None:
+                    continue
+                running.remove(item)
+                done += 1
+                log_path = os.path.join(run_dir, "bench.log")
+                if proc.returncode != 0:
+                    self.failed[job.key] = log_path
+                    self.log(f"bench: FAILED {job.key} (exit {proc.returncode}); log: {log_path}")
+                    continue
+                collect(run_dir, self.results_dir, job, self.suite, self.quick, self.command, self.jobs,
+                        self.env.get("OMP_NUM_THREADS"))
+                self.ran.append(job.key)
+                self.log(f"bench: done {job.key} in {time.time() - started:.0f}s ({done}/{len(pending)})")
+
+
+IGNORED_IN_RESULTS = ("train.output_dir", "data.data_dir")  # where a run was written and read from
+
+
+def _results_state(path: str, job: Job, data_dir: str | None) -> str:
+    """"done" when `path` holds the results of `job`'s config, "stale" when it holds another config's
+    (the config or a chosen learning rate changed since), "run" when there is none."""
+    if not os.path.exists(path):
+        return "run"
+    try:
+        with open(path, encoding="utf-8") as fh:
+            previous = json.load(fh)["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "stale"
+    current = load_config(job.config, job.overrides + [f"train.seed={job.seed}"]).to_dict()
+    differ = [k for k in config_differences(previous, current) if k not in RESUME_MAY_CHANGE + IGNORED_IN_RESULTS]
+    return "stale" if differ else "done"
 
 
 def collect(run_dir: str, results_dir: str, job: Job, suite: str, quick: bool, command: str | None = None,
@@ -191,9 +315,11 @@ def collect(run_dir: str, results_dir: str, job: Job, suite: str, quick: bool, c
     results["bench"] = {"method": job.method, "seed": job.seed, "suite": suite, "config": job.config,
                         "overrides": job.overrides, "quick": quick, "command": command,
                         "parallel_runs": jobs, "omp_num_threads": threads}
+    results["bench"]["selection_lr"] = job.lr
     path = os.path.join(results_dir, job.key + ".json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     write_json(path, results)
     return path
 
 
-__all__ = ["Job", "QUICK_OVERRIDES", "plan", "run_bench", "suite_methods"]
+__all__ = ["Job", "QUICK_OVERRIDES", "choose_lr", "plan", "run_bench", "selection_jobs", "suite_methods"]

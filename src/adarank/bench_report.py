@@ -39,6 +39,62 @@ def load_results(results_dir: str) -> dict[str, list[dict]]:
     return dict(sorted(runs.items(), key=lambda kv: _order(kv[0], kv[1][0])))
 
 
+def load_selection(results_dir: str) -> dict[str, dict[float, list[dict]]]:
+    """Method -> learning rate -> its selection runs (dev split), from `select/<method>__lr<x>__seed<k>.json`."""
+    sel_dir = os.path.join(results_dir, "select")
+    out: dict[str, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    if not os.path.isdir(sel_dir):
+        return {}
+    for name in sorted(os.listdir(sel_dir)):
+        if not name.endswith(".json"):
+            continue
+        path = os.path.join(sel_dir, name)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                res = json.load(fh)
+            out[res["bench"]["method"]][float(res["bench"]["selection_lr"])].append(res)
+            res["final"]["accuracy"]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: not a selection results file ({type(exc).__name__}: {exc})") from None
+    return {m: dict(sorted(v.items())) for m, v in sorted(out.items(), key=lambda kv: _order(kv[0], _first(kv[1])))}
+
+
+def _first(by_lr: dict[float, list[dict]]) -> dict:
+    return next(iter(by_lr.values()))[0]
+
+
+def selection_section(selection: dict[str, dict[float, list[dict]]], runs: dict[str, list[dict]]) -> list[str]:
+    """The learning-rate selection table: per method and learning rate, the mean dev-split score of its
+    selection runs; the chosen rate (the one the reported runs used) in bold."""
+    if not selection:
+        return []
+    grids = sorted({lr for by_lr in selection.values() for lr in by_lr})
+    metric = _first(next(iter(selection.values())))["config"]["select"]["metric"]
+    lines = ["", "## Learning rates, chosen on the development split", "",
+             f"Every method's learning rate was chosen by its mean {metric} (in percent) on the development split: "
+             "a fixed, stratified "
+             f"{_first(next(iter(selection.values())))['config']['data']['dev_fraction']:.0%} of the training split "
+             "held out (`data.eval_split: dev`), training on the rest; ties go to the lower loss on the development split. "
+             "The reported runs above then trained on the whole training split with the chosen rate (in bold). "
+             "Seeds per cell: the selection seeds of the method's config.", "",
+             "| method | " + " | ".join(f"lr {lr:g}" for lr in grids) + " | chosen |",
+             "|---|" + "---|" * (len(grids) + 1)]
+    for method, by_lr in selection.items():
+        used = {r["config"]["train"]["lr"] for r in runs.get(method, [])}
+        cells = []
+        for lr in grids:
+            rs = by_lr.get(lr)
+            if not rs:
+                cells.append("")
+                continue
+            m, _ = mean_std([r["final"][metric] for r in rs])
+            cell = f"{100 * m:.2f}" + (f" (n={len(rs)})" if len(rs) > 1 else "")
+            cells.append(f"**{cell}**" if lr in used else cell)
+        chosen = ", ".join(f"{lr:g}" for lr in sorted(used)) if used else "(no reported runs yet)"
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {chosen} |")
+    return lines
+
+
 def _order(method: str, res: dict) -> tuple:
     kind = res.get("method", "adarank")
     rank = res["config"]["adarank"]["r0"] if kind == "lora" else 0
@@ -62,8 +118,20 @@ def summarize(runs: dict[str, list[dict]]) -> list[dict]:
         for key in ("trainable_params_final", "trainable_params_avg", "growth_events", "final_rank", "wall_time_s",
                     "step_time_s"):
             row[key] = mean_std([r.get(key) for r in rs])
+        row["lr"] = sorted({r["config"]["train"]["lr"] for r in rs})
+        row["chances"] = growth_chances(rs) if row["kind"] == "adarank" else None
         rows.append(row)
     return rows
+
+
+NO_CHANCE = ("first window", "at r_max", "cooldown", "non-finite loss in window")
+
+
+def growth_chances(rs: list[dict]) -> tuple[int, int]:
+    """(growths, chances) over runs: a chance is a check where the rule looked at the loss and could have
+    grown (not the first window after a growth, not at r_max, not in a cooldown)."""
+    checks = [c for r in rs for c in r.get("checks", []) if c["reason"] not in NO_CHANCE]
+    return sum(c["action"] == "grow" for c in checks), len(checks)
 
 
 def _fmt_ms(ms: tuple[float, float], digits: int = 2, scale: float = 100.0) -> str:
@@ -224,25 +292,32 @@ def markdown(results_dir: str, runs: dict[str, list[dict]], rows: list[dict], pl
     if command:
         lines += ["Regenerate (runs only what has no results file yet; `adarank report` alone redraws):", "",
                   f"```bash\n{command}\n```", ""]
+    splits = sorted({r["config"]["data"].get("eval_split", "validation") for rs in runs.values() for r in rs})
+    split = " and ".join({"dev": "development", "validation": "validation"}[x] for x in splits)
     lines += [
-        "Accuracy and F1 macro on the validation split after the last step, in percent, mean ± standard deviation over "
-        "seeds. Trainable parameters: at the end, and averaged over optimizer steps (AdaRank's rank changes; "
+        f"Accuracy and F1 macro on the {split} split after the last step, in percent, mean ± standard deviation over "
+        "seeds. lr: the learning rate the runs used. Trainable parameters: at the end, and averaged over optimizer "
+        "steps (AdaRank's rank changes; "
         "AdaLoRA counts every allocated entry, masked or not). Rank: the largest rank over adapted modules at the "
-        "end (AdaLoRA: singular values not masked). Time: wall time of the run and seconds per optimizer step "
-        f"without evaluation and rank changes, {_parallel_note(runs)}.",
+        "end (AdaLoRA: singular values not masked). Grew / chances (AdaRank): growths over the checks where the rule "
+        "looked at the loss and could have grown, summed over seeds. Time: wall time of the run and seconds per "
+        f"optimizer step without evaluation and rank changes, {_parallel_note(runs)}.",
         "",
-        "| method | seeds | accuracy | F1 macro | val loss | trainable (final) | trainable (step avg) | growth events | "
-        "final rank | wall s | s/step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | seeds | lr | accuracy | F1 macro | val loss | trainable (final) | trainable (step avg) | "
+        "growth events | grew / chances | final rank | wall s | s/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        chances = f"{r['chances'][0]} / {r['chances'][1]}" if r["chances"] else "–"
         lines.append(
-            f"| {r['method']} | {r['n']} | {_fmt_ms(r['accuracy'])} | {_fmt_ms(r['f1_macro'])} | "
+            f"| {r['method']} | {r['n']} | {', '.join(f'{x:g}' for x in r['lr'])} | {_fmt_ms(r['accuracy'])} | "
+            f"{_fmt_ms(r['f1_macro'])} | "
             f"{_fmt_ms(r['eval_loss'], 3, 1.0)} | {_fmt_num(r['trainable_params_final'])} | "
-            f"{_fmt_num(r['trainable_params_avg'])} | {_fmt_num(r['growth_events'], 1)} | "
+            f"{_fmt_num(r['trainable_params_avg'])} | {_fmt_num(r['growth_events'], 1)} | {chances} | "
             f"{_fmt_num(r['final_rank'], 1) if r['kind'] in ADAPTER_KINDS else '–'} | {_fmt_num(r['wall_time_s'])} | "
             f"{_fmt_num(r['step_time_s'], 3)} |"
         )
+    lines += selection_section(load_selection(results_dir_abs), runs)
     cmp_lines = comparisons(rows)
     if cmp_lines:
         lines += ["", "## AdaRank against the references", "",

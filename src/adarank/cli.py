@@ -107,7 +107,7 @@ def _bench(args: argparse.Namespace) -> int:
     out = run_bench(
         args.suite, args.output_dir, results_dir=args.results_dir, seeds=args.seeds,
         methods=args.methods.split(",") if args.methods else None, quick=args.quick, jobs=args.jobs,
-        data_dir=args.data_dir, overrides=args.set, force=args.force, command=command,
+        data_dir=args.data_dir, overrides=args.set, force=args.force, command=command, select_only=args.select_only,
     )
     print(f"bench: {len(out['ran'])} run(s), {len(out['skipped'])} skipped, {len(out['failed'])} failed; "
           f"report: {out['report'] or 'none (no results yet)'}")
@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data-dir", help="= data.data_dir for every run")
     b.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override for every run (repeatable)")
     b.add_argument("--force", action="store_true", help="rerun runs that already have a results file")
+    b.add_argument("--select-only", action="store_true",
+                   help="run only the learning-rate selection runs (dev split), not the reported runs")
     b.set_defaults(func=_bench)
     r = sub.add_parser("report", help="regenerate a bench's Markdown table and plots from its results files")
     r.add_argument("results_dir", help="directory of <method>__seed<k>.json files")

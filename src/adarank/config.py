@@ -15,13 +15,14 @@ from typing import Any
 
 import yaml
 
-CRITERIA = ("plateau", "threshold")
+CRITERIA = ("plateau", "significance", "fixed", "threshold")
 STRATEGIES = ("merge", "expand", "masked")  # surgery.STRATEGIES holds their objects
 # transformers schedules our loop can use (SchedulerType values that take only the step)
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
 PRUNE_METHODS = ("none", "rank", "energy", "budget")
 IMPORTANCE = ("grad_norm", "sensitivity")
+EVAL_SPLITS = ("validation", "dev")
 METHODS = ("adarank", "lora", "adalora", "head", "full", "zero_shot")
 
 
@@ -41,7 +42,10 @@ class AdaRankConfig:
     check_every: optimizer steps between two checks; the window is the last `check_every` losses.
     warmup_steps: no check before this optimizer step.
     criterion: "plateau" - grow when the relative improvement of the windowed mean loss over the previous
-        window, (prev - cur) / |prev|, is below `tol`; "threshold" - the original notebook's rule taken
+        window, (prev - cur) / |prev|, is below `tol`; "significance" - grow when the window mean's drop from
+        the previous window is less than `tol` standard errors of that difference (each window's own spread:
+        a plateau, as opposed to a drop that minibatch noise cannot explain); "fixed" - the non-adaptive
+        baseline: grow at every check, the loss unused; "threshold" - the original notebook's rule taken
         literally: grow when the windowed mean loss is above `tol`.
     strategy: "merge" - fold B·A·scaling into the base weight and start a fresh adapter at the new rank
         (A random, B zero); "expand" - append rows to A (random) and columns to B (zero) in place;
@@ -177,10 +181,17 @@ class ModelConfig:
 class DataConfig:
     """task: a name from the task registry (mrpc, rte, ...). data_dir: a directory in the HF GLUE layout
     (`<data_dir>/<task>/<split>.jsonl`); None loads `datasets.load_dataset("glue", task)` from the hub.
+    eval_split: "validation" - train on the whole training split, evaluate on the task's validation split;
+    "dev" - the development split: a fixed, stratified `dev_fraction` of the training split (drawn with
+    `dev_seed`, the same for every method and run seed) is held out and evaluated on, the rest is trained
+    on. Settings are chosen on "dev"; reported scores come from "validation". Test splits are never read.
     max_train_samples / max_eval_samples: keep the first N examples (for quick runs)."""
 
     task: str = "mrpc"
     data_dir: str | None = None
+    eval_split: str = "validation"
+    dev_fraction: float = 0.1
+    dev_seed: int = 0
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
 
@@ -188,6 +199,10 @@ class DataConfig:
         for name in ("max_train_samples", "max_eval_samples"):
             if getattr(self, name) is not None:
                 _check_int(self, name, minimum=1, section="data")
+        if self.eval_split not in EVAL_SPLITS:
+            raise ConfigError(f"data.eval_split must be one of {list(EVAL_SPLITS)}, got {self.eval_split!r}")
+        _check_number(self, "dev_fraction", minimum=0.0, strict=True, below=1.0, section="data")
+        _check_int(self, "dev_seed", minimum=0, section="data")
 
 
 @dataclass
@@ -298,8 +313,44 @@ class AdaLoraSettings:
         _check_number(self, "orth_reg_weight", minimum=0.0, section="adalora")
 
 
+@dataclass
+class SelectConfig:
+    """How `adarank bench` chooses this method's learning rate (`adarank train` ignores it): one run per
+    value of `lr` and per seed of `seeds`, each trained on the training split without its development split
+    and scored on the development split (data.eval_split "dev"); the value with the best mean `metric`
+    (ties: the lower mean validation loss) is then used for every reported run. `lr` null or one value:
+    no selection, train.lr is used."""
+
+    lr: list[float] | None = None
+    seeds: list[int] = field(default_factory=lambda: [0])
+    metric: str = "accuracy"
+
+    def __post_init__(self) -> None:
+        if self.lr is not None:
+            if not isinstance(self.lr, list) or not self.lr:
+                raise ConfigError(f"select.lr must be a non-empty list of learning rates or null, got {self.lr!r}")
+            values = []
+            for v in self.lr:
+                try:
+                    values.append(float(v))  # YAML 1.1 reads 1e-3 as a string
+                except (TypeError, ValueError):
+                    raise ConfigError(f"select.lr: {v!r} is not a number") from None
+                if not values[-1] > 0:
+                    raise ConfigError(f"select.lr: learning rates must be > 0, got {v!r}")
+            if len(set(values)) != len(values):
+                raise ConfigError(f"select.lr: repeated value in {self.lr!r}")
+            self.lr = values
+        if not isinstance(self.seeds, list) or not self.seeds or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in self.seeds):
+            raise ConfigError(f"select.seeds must be a non-empty list of integers, got {self.seeds!r}")
+        if self.metric not in SELECT_METRICS:
+            raise ConfigError(f"select.metric must be one of {list(SELECT_METRICS)}, got {self.metric!r}")
+
+
+SELECT_METRICS = ("accuracy", "f1_macro", "f1_pos")
+
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "adarank": AdaRankConfig,
-            "method": MethodConfig, "adalora": AdaLoraSettings}
+            "method": MethodConfig, "adalora": AdaLoraSettings, "select": SelectConfig}
 
 
 @dataclass
@@ -310,6 +361,7 @@ class RunConfig:
     adarank: AdaRankConfig = field(default_factory=AdaRankConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     adalora: AdaLoraSettings = field(default_factory=AdaLoraSettings)
+    select: SelectConfig = field(default_factory=SelectConfig)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "RunConfig":
@@ -338,7 +390,8 @@ class RunConfig:
 # the data order nor any number the run computes. (The run directory may have moved; mixed_precision may be
 # spelled differently as long as it resolves to what the run used, which resume checks.)
 RESUME_MAY_CHANGE = ("train.checkpoint_every", "train.keep_checkpoints", "train.max_nonfinite_steps",
-                     "train.save_model", "train.output_dir", "train.mixed_precision")
+                     "train.save_model", "train.output_dir", "train.mixed_precision", "select.lr", "select.seeds",
+                     "select.metric")
 
 
 def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:

@@ -3,11 +3,17 @@
 Every `check_every` optimizer steps after `warmup_steps`, the controller looks at the mean of the last
 `check_every` losses (the window) and decides to hold or to grow the rank by `alpha` (capped at r_max):
 
-    criterion "threshold":  grow if  mean(window) > tol                      (the original notebook)
-    criterion "plateau":    grow if  (prev_mean - mean(window)) / |prev_mean| < tol
+    criterion "threshold":     grow if  mean(window) > tol                      (the original notebook)
+    criterion "plateau":       grow if  (prev_mean - mean(window)) / |prev_mean| < tol
+    criterion "significance":  grow if  (prev_mean - mean(window)) < tol · sqrt(var_prev/n_prev + var/n)
+    criterion "fixed":         grow at every check (the non-adaptive baseline: a schedule, no loss used)
 
-`prev_mean` is the window mean at the previous check; after a growth it is forgotten, so the plateau rule
-needs two windows at the new rank before it can grow again.
+"significance" compares the drop with its own standard error, estimated from the two windows' spreads
+(sample variances of the per-step losses), so it tells a plateau from a real but slow descent whatever the
+loss's scale and noise; tol is then a number of standard errors (e.g. 2).
+
+`prev_mean` is the window mean at the previous check; after a growth it is forgotten, so the plateau and
+significance rules need two windows at the new rank before they can grow again.
 
 With pruning on, a "prune" decision comes once, at the first step where `step >= ceil(prune_at·total_steps)`
 or, when `prune_after_r_max_steps` is set, that many steps after r_max was reached (by every module); no
@@ -79,6 +85,7 @@ class RankController:
         self.pruned = False
         self.window: deque[float] = deque(maxlen=check_every)
         self.prev_mean: float | None = None
+        self.prev_var: float | None = None  # the previous window's variance of the mean (significance)
         self.last_growth_step: int | None = None
         self.last_step = 0
 
@@ -127,10 +134,13 @@ class RankController:
         if not self.is_check_step(step):
             return self._hold(step, None, "")
         if any(not math.isfinite(x) for x in self.window):
-            self.prev_mean = None
+            self.prev_mean = self.prev_var = None
             return self._hold(step, None, "non-finite loss in window")
-        mean = sum(self.window) / len(self.window)
+        n = len(self.window)
+        mean = sum(self.window) / n
+        var = sum((x - mean) ** 2 for x in self.window) / (n - 1) / n if n > 1 else math.inf
         prev, self.prev_mean = self.prev_mean, mean
+        prev_var, self.prev_var = self.prev_var, var
         if self.full:
             return self._hold(step, mean, "at r_max")
         if self.last_growth_step is not None and step - self.last_growth_step < self.cooldown_steps:
@@ -139,15 +149,23 @@ class RankController:
             if mean <= self.tol:
                 return self._hold(step, mean, f"window loss {mean:.4f} <= tol {self.tol}")
             reason = f"window loss {mean:.4f} > tol {self.tol}"
+        elif self.criterion == "fixed":
+            reason = "fixed schedule"
+        elif prev is None:
+            return self._hold(step, mean, "first window")
+        elif self.criterion == "significance":
+            se = math.sqrt(prev_var + var)
+            drop = (prev - mean) / se if se > 0 else (math.inf if prev > mean else 0.0)
+            if drop >= self.tol:
+                return self._hold(step, mean, f"drop {drop:.2f} SE >= tol {self.tol}")
+            reason = f"drop {drop:.2f} SE < tol {self.tol}"
         else:
-            if prev is None:
-                return self._hold(step, mean, "first window")
             improvement = (prev - mean) / abs(prev) if prev != 0 else 0.0
             if improvement >= self.tol:
                 return self._hold(step, mean, f"improvement {improvement:.4f} >= tol {self.tol}")
             reason = f"improvement {improvement:.4f} < tol {self.tol}"
         old = self.rank
-        self.last_growth_step, self.prev_mean = step, None
+        self.last_growth_step, self.prev_mean, self.prev_var = step, None, None
         self.ranks_changed(step, min(old + self.alpha, self.r_max), min(old + self.alpha, self.r_max))
         return Decision("grow", self.rank, old, step, mean, reason)
 
@@ -181,6 +199,7 @@ class RankController:
             "full": self.full,
             "window": list(self.window),
             "prev_mean": self.prev_mean,
+            "prev_var": self.prev_var,
             "last_growth_step": self.last_growth_step,
             "last_step": self.last_step,
         }
@@ -191,6 +210,7 @@ class RankController:
         self.full = state.get("full", self.rank >= self.r_max)
         self.window.extend(state["window"])
         self.prev_mean = state["prev_mean"]
+        self.prev_var = state.get("prev_var")
         self.last_growth_step = state["last_growth_step"]
         self.last_step = state["last_step"]
         self.r_max_step = state["r_max_step"]

@@ -51,6 +51,32 @@ def load_split(task: TaskSpec, split: str, data_dir: str | None = None, limit: i
     return rows
 
 
+def dev_split(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(rest, dev): a stratified `fraction` of `rows` held out as the development split (scikit-learn's
+    `train_test_split` stratified by label, `random_state=seed`); both keep the file's order."""
+    from sklearn.model_selection import train_test_split
+
+    labels = [r["label"] for r in rows]
+    counts = {lab: labels.count(lab) for lab in set(labels)}
+    n_dev = round(fraction * len(rows))
+    if min(counts.values()) < 2 or not len(counts) <= n_dev <= len(rows) - len(counts):
+        raise DataError(f"data.dev_fraction={fraction}: cannot hold out a stratified development split of {n_dev} "
+                        f"from {len(rows)} training examples with label counts {dict(sorted(counts.items()))}")
+    rest, dev = train_test_split(range(len(rows)), test_size=n_dev, stratify=labels, random_state=seed)
+    return [rows[i] for i in sorted(rest)], [rows[i] for i in sorted(dev)]
+
+
+def load_train_eval(task: TaskSpec, data: Any) -> tuple[list[dict], list[dict]]:
+    """The training and evaluation examples a run uses (`data`: a `DataConfig`): the whole training split
+    and the task's validation split, or (eval_split "dev") the training split without its development
+    split, and the development split. The limits apply after the split."""
+    if data.eval_split == "dev":
+        rest, dev = dev_split(load_split(task, "train", data.data_dir), data.dev_fraction, data.dev_seed)
+        return rest[: data.max_train_samples], dev[: data.max_eval_samples]
+    return (load_split(task, "train", data.data_dir, data.max_train_samples),
+            load_split(task, task.eval_split, data.data_dir, data.max_eval_samples))
+
+
 def _load_hub(task: TaskSpec, split: str) -> Any:
     """`datasets.load_dataset("glue", task)`; when the hub cannot be reached (and HF_DATASETS_OFFLINE /
     HF_HUB_OFFLINE do not ask for the local cache) one quick request says so at once, instead of the

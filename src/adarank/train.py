@@ -29,7 +29,7 @@ from .checkpoint import (clean_partial, failpoint, latest_checkpoint, model_tens
                          rng_state, set_rng_state, write_checkpoint)
 from .config import RESUME_MAY_CHANGE, RunConfig, config_differences
 from .controller import RankController, decision_record
-from .data import EXTRAS, LengthGroupedBatchSampler, check_causal, load_split, make_collator, tokenize
+from .data import EXTRAS, LengthGroupedBatchSampler, check_causal, load_train_eval, make_collator, tokenize
 from .distributed import agree, check_launch_env, check_processes, process_max, rewrap_model, use_cpu
 from .importance import ImportanceTracker
 from .metrics import classification_metrics, decode_label
@@ -112,8 +112,7 @@ class Run:
         set_seed(tc.seed)
         ckpt = self._read_resume_checkpoint() if resume else None
         self.model_path = str(resolve_model_path(cfg.model.name_or_path))
-        train_rows = load_split(self.task, "train", cfg.data.data_dir, cfg.data.max_train_samples)
-        eval_rows = load_split(self.task, self.task.eval_split, cfg.data.data_dir, cfg.data.max_eval_samples)
+        train_rows, eval_rows = load_train_eval(self.task, cfg.data)
         if tokenizer is not None:
             check_tokenizer(tokenizer, cfg.model.name_or_path)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_path)
@@ -186,6 +185,7 @@ class Run:
         self.step = self.epoch = self.batch_in_epoch = 0
         self.rank0 = self.rank_max
         self.log, self.events, self.evals = [], [], []
+        self.checks: list[dict] = []  # every check's decision, held or not (how often a rule grows)
         self.pending: list[torch.Tensor] = []  # step losses not yet handed to the controller and the log
         self.micro: list[torch.Tensor] = []    # micro-batch losses of the current step
         self.trainable_sum = 0
@@ -218,6 +218,7 @@ class Run:
             "importance": {k: v.cpu() for k, v in self.importance.scores.items()} if self.importance else None,
             "history": {
                 "rank0": self.rank0, "log": self.log, "events": self.events, "evals": self.evals,
+                "checks": self.checks,
                 "trainable_sum": self.trainable_sum, "eval_time": self.eval_time, "decision_time": self.decision_time,
                 "checkpoint_time": self.checkpoint_time, "elapsed": self.elapsed + time.time() - self.started,
                 "nonfinite_steps": self.nonfinite_steps, "skipped_since_log": self.skipped_since_log,
@@ -279,6 +280,7 @@ class Run:
         acc.step = state["accumulation_step"]
         h = state["history"]
         self.rank0, self.log, self.events, self.evals = h["rank0"], h["log"], h["events"], h["evals"]
+        self.checks = h.get("checks", [])
         self.trainable_sum, self.eval_time, self.decision_time = h["trainable_sum"], h["eval_time"], h["decision_time"]
         self.checkpoint_time, self.elapsed = h["checkpoint_time"], h["elapsed"]
         self.nonfinite_steps, self.skipped_since_log = h["nonfinite_steps"], h["skipped_since_log"]
@@ -472,6 +474,8 @@ class Run:
         for i, value in enumerate(losses):
             if self.controller is not None:
                 decision = self.controller.observe(first + i, value)
+        if decision is not None and decision.window_loss is not None:
+            self.checks.append({"step": decision.step, "action": decision.action, "reason": decision.reason})
         lr = self.scheduler.get_last_lr()[0]
         rec = {"step": self.step, "epoch": round(self.step / self.updates_per_epoch, 4),
                "loss": sum(losses) / len(losses), "lr": lr,
@@ -638,6 +642,7 @@ class Run:
             "rank_events": self.events,
             "rank_schedule": [self.rank0] + [e["to_rank"] for e in self.events if e["action"] == "grow"],
             "growth_events": sum(e["action"] == "grow" for e in self.events),
+            "checks": self.checks,
             "pruned": any(e["action"] == "prune" for e in self.events),
             "final_rank": rank_max,
             "final_rank_mean": rank_mean,
