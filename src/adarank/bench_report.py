@@ -119,6 +119,7 @@ def summarize(runs: dict[str, list[dict]]) -> list[dict]:
                     "step_time_s"):
             row[key] = mean_std([r.get(key) for r in rs])
         row["lr"] = sorted({r["config"]["train"]["lr"] for r in rs})
+        row["epochs"] = rs[0]["config"]["train"]["epochs"]
         row["chances"] = growth_chances(rs) if row["kind"] == "adarank" else None
         rows.append(row)
     return rows
@@ -231,6 +232,32 @@ def comparisons(rows: list[dict]) -> list[str]:
     return lines
 
 
+BUDGET_DIR = "budget_x2"
+
+
+def budget_section(results_dir: str, rows: list[dict]) -> list[str]:
+    """The budget check: runs in `<results_dir>/budget_x2/` (the same method and learning rate, twice the
+    training) against the reported ones; the budget is long enough where doubling it gains < 1 point."""
+    path = os.path.join(results_dir, BUDGET_DIR)
+    if not os.path.isdir(path) or not any(f.endswith(".json") for f in os.listdir(path)):
+        return []
+    doubled = {r["method"]: r for r in summarize(load_results(path))}
+    lines = ["", "## Is the budget long enough?", "",
+             f"The same method and learning rate trained twice as long (`{BUDGET_DIR}/`), against the reported runs. "
+             "The budget counts as long enough where doubling it gains less than 1 point of validation accuracy.", "",
+             "| method | epochs | accuracy | epochs ×2 | accuracy | Δ accuracy (points) | gain < 1 point |",
+             "|---|---|---|---|---|---|---|"]
+    by_method = {r["method"]: r for r in rows}
+    for method, twice in doubled.items():
+        once = by_method.get(method)
+        if once is None:
+            continue
+        gain = (twice["accuracy"][0] - once["accuracy"][0]) * 100
+        lines.append(f"| {method} | {once['epochs']:g} | {_fmt_ms(once['accuracy'])} | {twice['epochs']:g} | "
+                     f"{_fmt_ms(twice['accuracy'])} | {compare(twice, once, 'accuracy')} | {'yes' if gain < 1 else 'no'} |")
+    return lines
+
+
 def _parallel_note(runs: dict[str, list[dict]]) -> str:
     infos = {(r["bench"].get("parallel_runs", 1), r["bench"].get("omp_num_threads")) for rs in runs.values() for r in rs}
     parts = []
@@ -323,6 +350,7 @@ def markdown(results_dir: str, runs: dict[str, list[dict]], rows: list[dict], pl
         lines += ["", "## AdaRank against the references", "",
                   "Differences of means in points; SE is the standard error of the difference over seeds. "
                   "\"higher\"/\"lower\" only where |Δ| > 2 SE.", ""] + cmp_lines
+    lines += budget_section(results_dir_abs, rows)
     lines += overhead_section(results_dir_abs, shown_dir)
     lines += ["", "## Plots", ""]
     for title, path in plots.items():
