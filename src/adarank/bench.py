@@ -6,8 +6,13 @@ A suite is a directory of YAML configs, one per method (`configs/bench/mrpc_mini
 size and evaluation unless a method file says otherwise (the report lists every setting that differs).
 A text-to-text suite also gets a `zero_shot` run: the pretrained model evaluated without training.
 
-Runs whose results JSON already exists in the results directory are skipped (so an interrupted grid
-resumes); `--force` reruns them. A failed run does not stop the others; the command then exits non-zero
+A method whose config has a learning-rate grid (`select.lr`) first gets one selection run per value and
+selection seed, trained without the development split and scored on it (`data.eval_split: dev`); its
+reported runs then use the value with the best mean score. Selection results go to `select/` under the
+results directory.
+
+Runs whose results JSON already exists in the results directory, made with the same config, are skipped
+(so an interrupted grid resumes); one made with another config is rerun; `--force` reruns them all. A failed run does not stop the others; the command then exits non-zero
 and names the failed runs and their logs.
 """
 
@@ -116,12 +121,8 @@ def selection_jobs(jobs: list[Job]) -> list[Job]:
             continue
         out += [Job(job.method, seed, job.config, job.overrides + ["data.eval_split=dev", f"train.lr={lr!r}"], lr)
                 for seed in sel.seeds for lr in sel.lr]
-    return sorted(out, key=lambda j: sel_order(j, out))
-
-
-def sel_order(job: Job, jobs: list[Job]) -> tuple:
-    seeds = sorted({j.seed for j in jobs})
-    return (seeds.index(job.seed), [j.method for j in jobs].index(job.method), job.lr)
+    methods = list(dict.fromkeys(j.method for j in out))
+    return sorted(out, key=lambda j: (j.seed, methods.index(j.method)))  # stable: each grid in its order
 
 
 def choose_lr(results_dir: str, config: str, overrides: list[str]) -> tuple[float | None, dict[float, dict]]:
@@ -201,6 +202,7 @@ def run_bench(
         raise ConfigError("--seeds: give at least one seed")
     results_dir = results_dir or os.path.join(output_dir, "results")
     reported = plan(suite, seeds, methods, quick, overrides or [])
+    os.makedirs(results_dir, exist_ok=True)
     pool = _Pool(output_dir, results_dir, data_dir, force, jobs, suite, quick, command, log)
     if quick:
         log("bench: --quick: no learning-rate selection, each config's train.lr is used")
@@ -239,17 +241,16 @@ class _Pool:
             self.env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
 
     def run(self, todo: list[Job]) -> None:
-        pending, stale = [], []
+        pending, stale, skipped = [], [], []
         for job in todo:
-            state = "run" if self.force else _results_state(os.path.join(self.results_dir, job.key + ".json"), job,
-                                                              self.data_dir)
+            state = "run" if self.force else _results_state(os.path.join(self.results_dir, job.key + ".json"), job)
             if state == "done":
-                self.skipped.append(job.key)
+                skipped.append(job.key)
             else:
                 pending.append(job)
                 if state == "stale":
                     stale.append(job.key)
-        skipped = [j.key for j in todo if j not in pending]
+        self.skipped += skipped
         if skipped:
             self.log(f"bench: {len(skipped)} run(s) already have results in {self.results_dir}; skipping them "
                      "(--force reruns)")
@@ -290,7 +291,7 @@ class _Pool:
 IGNORED_IN_RESULTS = ("train.output_dir", "data.data_dir")  # where a run was written and read from
 
 
-def _results_state(path: str, job: Job, data_dir: str | None) -> str:
+def _results_state(path: str, job: Job) -> str:
     """"done" when `path` holds the results of `job`'s config, "stale" when it holds another config's
     (the config or a chosen learning rate changed since), "run" when there is none."""
     if not os.path.exists(path):
