@@ -29,23 +29,40 @@ def make_pairs(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def task_rows(task: str, n: int, seed: int) -> list[dict]:
+    """`make_pairs` rows in a task's fields: one sentence for CoLA and SST-2; for STS-B a score in [0, 5]
+    (high for a swapped pair, low for an unrelated one)."""
+    rows = make_pairs(n, seed)
+    rng = random.Random(seed)
+    if task in ("cola", "sst2"):
+        return [{"sentence": r["sentence1"], "label": r["label"], "idx": r["idx"]} for r in rows]
+    if task == "stsb":
+        return [dict(r, label=round(rng.uniform(3.5, 5.0) if r["label"] else rng.uniform(0.0, 1.5), 3)) for r in rows]
+    return rows
+
+
 def write_glue(root, task: str = "mrpc", n_train: int = 64, n_eval: int = 32) -> str:
     d = root / task
     d.mkdir(parents=True, exist_ok=True)
     for split, n, seed in (("train", n_train, 0), ("validation", n_eval, 1)):
         with open(d / f"{split}.jsonl", "w") as fh:
-            for row in make_pairs(n, seed):
+            for row in task_rows(task, n, seed):
                 fh.write(json.dumps(row) + "\n")
     return str(root)
 
 
-def word_tokenizer(kind: str):
+# every GLUE task's prompt and target words, and the digits of STS-B scores ("3.8")
+GLUE_WORDS = tuple("rte wnli cola sst2 stsb sentence entailment not_entailment acceptable unacceptable positive "
+                   "negative _ . 0 1 2 3 4 5 6 7 8 9".split())
+
+
+def word_tokenizer(kind: str, words: tuple[str, ...] = ()):
     """A word-level fast tokenizer: BERT-style ([CLS] a [SEP] b [SEP]), T5-style (text </s>) or GPT-style
-    (text as it is; <|endoftext|> ends a sequence, no pad token, as GPT-2's)."""
+    (text as it is; <|endoftext|> ends a sequence, no pad token, as GPT-2's); `words` extend the vocabulary."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    extra = "mrpc sentence1 sentence2 paraphrase : equivalent not".split()
+    extra = "mrpc sentence1 sentence2 paraphrase : equivalent not".split() + list(words)
     if kind == "bert":
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
     elif kind == "gpt":

@@ -14,7 +14,7 @@ from .config import (AdaRankCfg, AdaRankConfig, ConfigError, DataConfig, ModelCo
                      TrainConfig, load_config)
 from .controller import Decision, RankController
 from .data import DataError
-from .metrics import classification_metrics, decode_label
+from .metrics import classification_metrics, decode_label, decode_score, regression_metrics, task_metrics
 from .modeling import ModelError, check_tokenizer, load_run_model
 from .importance import ImportanceTracker
 from .optim import apply_decision, build_optimizer, build_scheduler, grow_and_repoint, repoint_optimizer
@@ -44,7 +44,7 @@ __all__ = [
     "AdaRankCallback", "AdaRankCfg", "AdaRankConfig", "ConfigError", "DataConfig", "DataError", "Decision",
     "ImportanceTracker", "apply_decision", "export_adapter", "prune_lora",
     "ModelConfig", "ModelError", "RankController", "RunConfig", "TASKS", "TaskSpec", "TrainConfig",
-    "build_optimizer", "build_scheduler", "check_tokenizer", "classification_metrics", "decode_label",
-    "get_task", "grow_and_repoint", "grow_lora", "load_config", "load_run_model", "lora_ranks",
+    "build_optimizer", "build_scheduler", "check_tokenizer", "classification_metrics", "decode_label", "decode_score",
+    "get_task", "regression_metrics", "task_metrics", "grow_and_repoint", "grow_lora", "load_config", "load_run_model", "lora_ranks",
     "repoint_optimizer", "allocate_masked", "train",
 ]

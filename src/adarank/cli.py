@@ -51,8 +51,9 @@ def _train(args: argparse.Namespace) -> int:
             _say(f"adarank: {stop}; continue with: adarank {shlex.join(again + ['--resume'])}")
         return 128 + stop.signum
     final = results["final"]
+    shown = " ".join(f"{k}={v:.4f}" for k, v in final.items() if isinstance(v, float) and k not in ("eval_loss", "rank_mean"))
     _say(
-        f"done: accuracy={final['accuracy']:.4f} f1_macro={final['f1_macro']:.4f} f1_pos={final['f1_pos']:.4f} "
+        f"done: {shown} "
         f"rank {' -> '.join(map(str, results['rank_schedule']))} in {results['wall_time_s']:.0f}s "
         f"({results['num_processes']} process{'es' if results['num_processes'] > 1 else ''}); "
         f"outputs in {cfg.train.output_dir}", err=False,

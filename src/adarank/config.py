@@ -318,12 +318,12 @@ class SelectConfig:
     """How `adarank bench` chooses this method's learning rate (`adarank train` ignores it): one run per
     value of `lr` and per seed of `seeds`, each trained on the training split without its development split
     and scored on the development split (data.eval_split "dev"); the value with the best mean `metric`
-    (ties: the lower mean validation loss) is then used for every reported run. `lr` null or one value:
+    ("score": the task's GLUE headline; ties: the lower mean loss on the development split) is then used for every reported run. `lr` null or one value:
     no selection, train.lr is used."""
 
     lr: list[float] | None = None
     seeds: list[int] = field(default_factory=lambda: [0])
-    metric: str = "accuracy"
+    metric: str = "score"
 
     def __post_init__(self) -> None:
         if self.lr is not None:
@@ -347,7 +347,7 @@ class SelectConfig:
             raise ConfigError(f"select.metric must be one of {list(SELECT_METRICS)}, got {self.metric!r}")
 
 
-SELECT_METRICS = ("accuracy", "f1_macro", "f1_pos")
+SELECT_METRICS = ("score", "accuracy", "f1_macro", "mcc", "pearson", "spearman")
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "adarank": AdaRankConfig,
             "method": MethodConfig, "adalora": AdaLoraSettings, "select": SelectConfig}

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import Sampler
 
-from .tasks import TaskSpec
+from .tasks import TaskSpec, format_score
 
 
 class DataError(ValueError):
@@ -53,10 +53,11 @@ def load_split(task: TaskSpec, split: str, data_dir: str | None = None, limit: i
 
 def dev_split(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """(rest, dev): a stratified `fraction` of `rows` held out as the development split (scikit-learn's
-    `train_test_split` stratified by label, `random_state=seed`); both keep the file's order."""
+    `train_test_split` stratified by label — a regression score by its nearest whole number —,
+    `random_state=seed`); both keep the file's order."""
     from sklearn.model_selection import train_test_split
 
-    labels = [r["label"] for r in rows]
+    labels = [round(r["label"]) if isinstance(r["label"], float) else r["label"] for r in rows]  # STS-B: by whole score
     counts = {lab: labels.count(lab) for lab in set(labels)}
     n_dev = round(fraction * len(rows))
     if min(counts.values()) < 2 or not len(counts) <= n_dev <= len(rows) - len(counts):
@@ -117,6 +118,11 @@ def _check_row(row: Any, task: TaskSpec, path: str, lineno: int) -> dict:
     if "label" not in row:
         raise DataError(f"{path}:{lineno}: missing field 'label'")
     label = row["label"]
+    if task.regression:
+        if isinstance(label, bool) or not isinstance(label, (int, float)) or not 0 <= label <= task.score_max:
+            raise DataError(f"{path}:{lineno}: label {label!r} for task {task.name} must be a number in "
+                            f"[0, {task.score_max:g}]")
+        return {**{f: row[f] for f in task.text_fields}, "label": float(label)}
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < task.num_labels:
         raise DataError(
             f"{path}:{lineno}: unknown label {label!r} for task {task.name} (expected 0..{task.num_labels - 1}: "
@@ -149,6 +155,9 @@ def causal_targets(task: TaskSpec, tokenizer: Any, max_target_length: int) -> li
 def check_causal(task: TaskSpec, tokenizer: Any, model_config: Any) -> list[list[int]]:
     """The causal-LM targets, checked before any step: an end-of-sequence token to end them, different
     targets for different labels, and room for a prompt within model.max_length."""
+    if task.regression:
+        raise DataError(f"data.task={task.name} is a regression task; a causal LM is evaluated here by comparing the "
+                        "likelihoods of the class words, so use an encoder (a regression head) or a seq2seq model")
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no end-of-sequence token; a causal LM's target words need one after them")
     targets = causal_targets(task, tokenizer, model_config.max_target_length)
@@ -167,16 +176,21 @@ def check_causal(task: TaskSpec, tokenizer: Any, model_config: Any) -> list[list
 def tokenize(rows: list[dict], task: TaskSpec, tokenizer: Any, kind: bool | str, max_length: int,
              max_target_length: int) -> list[dict]:
     """Tokenize every example once. Classifiers get the text pair; seq2seq models the prompt as input and
-    the target word's token ids as `labels`; causal LMs the prompt followed by the target word as input,
+    the target word's token ids (STS-B: the score as text) as `labels`; causal LMs the prompt followed by the target word as input,
     with `labels` -100 on the prompt (the loss is on the target tokens only) and `prompt_len`. The class id
     stays in `class_label` for evaluation."""
     kind = as_kind(kind)
     if kind == "seq2seq":
         enc = tokenizer([task.prompt.format(**r) for r in rows], truncation=True, max_length=max_length)
-        targets = tokenizer(list(task.target_words), truncation=True, max_length=max_target_length)["input_ids"]
+        if task.regression:  # the score as T5 writes it, per example
+            targets = tokenizer([format_score(r["label"]) for r in rows], truncation=True,
+                                max_length=max_target_length)["input_ids"]
+        else:
+            words = tokenizer(list(task.target_words), truncation=True, max_length=max_target_length)["input_ids"]
+            targets = [words[r["label"]] for r in rows]
         return [
-            {"input_ids": ids, "attention_mask": mask, "labels": targets[r["label"]], "class_label": r["label"]}
-            for ids, mask, r in zip(enc["input_ids"], enc["attention_mask"], rows)
+            {"input_ids": ids, "attention_mask": mask, "labels": target, "class_label": r["label"]}
+            for ids, mask, target, r in zip(enc["input_ids"], enc["attention_mask"], targets, rows)
         ]
     if kind == "causal_lm":
         targets = causal_targets(task, tokenizer, max_target_length)

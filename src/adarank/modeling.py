@@ -149,6 +149,8 @@ def load_base_model(path: str, num_labels: int, config: Any = None, quantization
         elif kind == "causal_lm":
             model = AutoModelForCausalLM.from_pretrained(path, **extra)
         else:
+            if num_labels == 1:  # STS-B: one output, mean squared error
+                extra["problem_type"] = "regression"
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **extra)
     except OSError as exc:  # e.g. a model directory without weights
         raise ModelError(_cannot_load(path, exc)) from None

@@ -98,7 +98,7 @@ def package_versions() -> dict[str, str]:
 
 def plot_training(log: list[dict], events: list[dict], evals: list[dict], path: str, title: str = "") -> None:
     """Two panels over optimizer steps: training loss with growth (red) and prune (black) markers and the
-    validation accuracy; the LoRA rank in effect (max and mean over modules)."""
+    validation accuracy (or score); the LoRA rank in effect (max and mean over modules)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,8 +116,9 @@ def plot_training(log: list[dict], events: list[dict], evals: list[dict], path: 
     ax_loss.set_ylabel("training loss")
     if evals:
         ax_acc = ax_loss.twinx()
-        ax_acc.plot([e["step"] for e in evals], [e["accuracy"] for e in evals], "o-", color="tab:green", label="val accuracy")
-        ax_acc.set_ylabel("validation accuracy")
+        metric = "accuracy" if "accuracy" in evals[0] else "score"  # STS-B: its score (Pearson/Spearman mean)
+        ax_acc.plot([e["step"] for e in evals], [e[metric] for e in evals], "o-", color="tab:green", label=f"val {metric}")
+        ax_acc.set_ylabel(f"validation {metric}")
         ax_acc.legend(loc="upper right")
     ax_loss.legend(loc="upper left")
     # a log record's rank is the one its steps trained at: draw it over the steps up to x

@@ -1,7 +1,11 @@
-"""GLUE task specs as data: text fields, label names, the text-to-text prompt and target words.
+"""GLUE task specs as data: text fields, label names, the text-to-text prompt and target words, and the
+metrics GLUE scores the task by.
 
-A new classification task is one more `TaskSpec` entry, no code. The text-to-text prompt of MRPC is
-the original's, exactly: `mrpc sentence1: {sentence1} sentence2: {sentence2} paraphrase:`.
+A new classification task is one more `TaskSpec` entry, no code. Text-to-text prompts and targets are
+the T5 paper's (`<task> sentence1: ... sentence2: ...`, the label name as the target), except MRPC's,
+which is the original notebook's exactly: `mrpc sentence1: {sentence1} sentence2: {sentence2}
+paraphrase:` -> "equivalent" / "not equivalent". STS-B is regression: a similarity score in [0, 5]; as
+text, the score rounded to the nearest 0.2 and written with one decimal ("3.8"), as in the T5 paper.
 """
 
 from __future__ import annotations
@@ -18,16 +22,30 @@ class TaskSpec:
     prompt: str                        # text-to-text input, str.format over the text fields
     positive_label: int = 1            # the class of GLUE's usual F1 (MRPC: equivalent)
     eval_split: str = "validation"
+    regression: bool = False           # STS-B: a score in [0, score_max], one output, mean squared error
+    headline: tuple[str, ...] = ("accuracy",)  # GLUE's score for the task: the mean of these metrics
+    score_max: float = 5.0
 
     @property
     def num_labels(self) -> int:
-        return len(self.label_names)
+        """Outputs of a classifier head: one per class, one for regression."""
+        return 1 if self.regression else len(self.label_names)
+
+    @property
+    def f1_name(self) -> str:
+        """The metric name of the F1 of `positive_label`: `f1_<class name>` (MRPC: f1_equivalent)."""
+        return f"f1_{self.label_names[self.positive_label]}"
+
+
+def format_score(score: float) -> str:
+    """An STS-B score as T5 writes it: rounded to the nearest 0.2, one decimal."""
+    return f"{round(score * 5) / 5:.1f}"
 
 
 TASKS: dict[str, TaskSpec] = {
     "mrpc": TaskSpec(
         "mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("not equivalent", "equivalent"),
-        "mrpc sentence1: {sentence1} sentence2: {sentence2} paraphrase:",
+        "mrpc sentence1: {sentence1} sentence2: {sentence2} paraphrase:", headline=("accuracy", "f1_equivalent"),
     ),
     "rte": TaskSpec(
         "rte", ("sentence1", "sentence2"), ("entailment", "not_entailment"), ("entailment", "not_entailment"),
@@ -39,7 +57,11 @@ TASKS: dict[str, TaskSpec] = {
     ),
     "cola": TaskSpec(
         "cola", ("sentence",), ("unacceptable", "acceptable"), ("unacceptable", "acceptable"),
-        "cola sentence: {sentence}",
+        "cola sentence: {sentence}", headline=("mcc",),
+    ),
+    "stsb": TaskSpec(
+        "stsb", ("sentence1", "sentence2"), (), (), "stsb sentence1: {sentence1} sentence2: {sentence2}",
+        regression=True, headline=("pearson", "spearman"),
     ),
     "sst2": TaskSpec(
         "sst2", ("sentence",), ("negative", "positive"), ("negative", "positive"), "sst2 sentence: {sentence}",

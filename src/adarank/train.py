@@ -32,7 +32,7 @@ from .controller import RankController, decision_record
 from .data import EXTRAS, LengthGroupedBatchSampler, check_causal, load_train_eval, make_collator, tokenize
 from .distributed import agree, check_launch_env, check_processes, process_max, rewrap_model, use_cpu
 from .importance import ImportanceTracker
-from .metrics import classification_metrics, decode_label
+from .metrics import decode_label, decode_score, task_metrics
 from .modeling import (ModelError, check_max_length, check_tokenizer, load_base_model, load_model_config, load_tokenizer,
                        model_kind, prepare_model, resolve_model_path, save_run_model)
 from .optim import apply_decision, build_optimizer, build_scheduler, restart_schedule
@@ -124,6 +124,10 @@ class Run:
                                                cfg.model.quantization, self.accelerator.device)
         else:
             self.kind = model_kind(model.config, model)
+            if self.kind == "classifier" and model.config.num_labels != self.task.num_labels:
+                raise ModelError(f"the model passed in has {model.config.num_labels} output(s); data.task="
+                                 f"{self.task.name} needs {self.task.num_labels}"
+                                 + (" (a regression head)" if self.task.regression else ""))
         if self.kind == "causal_lm" and self.tokenizer.pad_token is None:  # GPT-2, LLaMA: pad with end-of-text
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.method = cfg.method.name
@@ -304,7 +308,10 @@ class Run:
             logits, target = out.logits.float(), batch["labels"]
             if self.kind == "causal_lm":  # token t predicts token t + 1
                 logits, target = logits[:, :-1], target[:, 1:]
-            loss = F.cross_entropy(logits.flatten(0, -2), target.flatten(), ignore_index=-100)
+            if self.kind == "classifier" and self.task.regression:
+                loss = F.mse_loss(logits[:, 0], target.float())
+            else:
+                loss = F.cross_entropy(logits.flatten(0, -2), target.flatten(), ignore_index=-100)
             loss_sum += float(acc.reduce(loss * n, "sum"))
             count += int(acc.reduce(torch.tensor(n, device=acc.device), "sum"))
             if self.kind == "causal_lm":
@@ -317,13 +324,15 @@ class Run:
                 )
                 gen = acc.pad_across_processes(gen, dim=1, pad_index=self.tokenizer.pad_token_id)
                 texts = self.tokenizer.batch_decode(acc.gather_for_metrics(gen), skip_special_tokens=True)
-                preds += [decode_label(t, self.task.target_words) for t in texts]
+                preds += [decode_score(t, self.task.score_max) if self.task.regression
+                          else decode_label(t, self.task.target_words) for t in texts]
                 labels += acc.gather_for_metrics(extras["class_label"]).tolist()
             else:
-                preds += acc.gather_for_metrics(out.logits.argmax(-1)).tolist()
+                outputs = out.logits[:, 0].float() if self.task.regression else out.logits.argmax(-1)
+                preds += acc.gather_for_metrics(outputs).tolist()
                 labels += acc.gather_for_metrics(batch["labels"]).tolist()
         model.train()
-        metrics = classification_metrics(labels, preds, self.task.num_labels, self.task.positive_label)
+        metrics = task_metrics(self.task, labels, preds)
         metrics["eval_loss"] = loss_sum / max(1, count)  # mean over examples (text-to-text: of the batch token means)
         return metrics
 
