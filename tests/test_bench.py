@@ -187,3 +187,41 @@ def test_bench_chooses_each_learning_rate_on_the_dev_split(tmp_path, glue_dir, b
     third = run_bench(suite, str(out), str(results), seeds=[0], log=lambda _: None)
     assert third["ran"] == ["adarank_expand__seed0"]
     assert json.load(open(results / "adarank_expand__seed0.json"))["config"]["train"]["batch_size"] == 4
+
+
+def test_glue_bench_runs_each_task_and_reports_the_glue_table(tmp_path, capsys):
+    """`adarank bench --tasks`: the suite on every task (per-task settings from _tasks.yaml), a learning
+    rate chosen per task on its dev split by its headline score, and the GLUE table from the files."""
+    from conftest import GLUE_WORDS, tiny_bert, word_tokenizer, write_glue
+
+    tok = word_tokenizer("bert", GLUE_WORDS)
+    glue = tmp_path / "glue"
+    for task in ("mrpc", "stsb"):
+        write_glue(glue, task)
+    base = saved(tiny_bert(vocab_size=len(tok)).bert, tok, tmp_path / "encoder")  # no head: each task adds its own
+    suite = make_suite(tmp_path, base, {"lora_r2": "method: {name: lora}\nselect: {lr: [0.0001, 0.05], metric: score}\n",
+                                        "adarank_expand": "method: {name: adarank}\n"}, str(glue))
+    with open(os.path.join(suite, "_tasks.yaml"), "w") as fh:
+        fh.write("stsb: {data: {max_train_samples: 40}}\n")
+    results, out_md = tmp_path / "results", tmp_path / "docs" / "GLUE.md"
+    code = main(["bench", "--suite", suite, "--tasks", "mrpc,stsb", "--seeds", "0", "1", "--output-dir",
+                 str(tmp_path / "out"), "--results-dir", str(results)])
+    assert code == 0, capsys.readouterr().err
+    stsb = json.load(open(results / "stsb" / "lora_r2__seed1.json"))
+    assert stsb["config"]["data"]["task"] == "stsb" and stsb["config"]["data"]["max_train_samples"] == 40
+    assert {"pearson", "spearman", "score"} <= set(stsb["final"])
+    sel = [json.load(open(results / "stsb" / "select" / f)) for f in os.listdir(results / "stsb" / "select")]
+    best = max(sel, key=lambda r: (r["final"]["score"], -r["final"]["eval_loss"]))
+    assert stsb["config"]["train"]["lr"] == best["bench"]["selection_lr"]
+
+    assert main(["report", str(results), "--out", str(out_md)]) == 0
+    text = out_md.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| adarank_expand |"))
+    per_seed = [statistics.fmean(json.load(open(results / t / f"adarank_expand__seed{s}.json"))["final"]["score"]
+                                 for t in ("mrpc", "stsb")) for s in (0, 1)]
+    assert f"{100 * statistics.fmean(per_seed):.2f} ± {100 * statistics.stdev(per_seed):.2f} (n=2)" in row
+    mrpc = [json.load(open(results / "mrpc" / f"lora_r2__seed{s}.json"))["final"]["score"] for s in (0, 1)]
+    lora_row = next(line for line in text.splitlines() if line.startswith("| lora_r2 |"))
+    assert lora_row.split(" | ")[1] == f"{100 * statistics.fmean(mrpc):.2f} ± {100 * statistics.stdev(mrpc):.2f} (n=2)"
+    assert "| adarank_expand | lora_r2 |" in text and "**STSB**" in text and "first 40" in text
+    assert "--tasks mrpc,stsb" in text

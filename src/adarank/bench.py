@@ -177,6 +177,58 @@ def _resumable(run_dir: str, marker: dict, args: list[str]) -> bool:
     return not [k for k in config_differences(previous, current) if k not in RESUME_MAY_CHANGE]
 
 
+TASKS_FILE = "_tasks.yaml"
+
+
+def task_overrides(suite: str, task: str) -> list[str]:
+    """A GLUE suite's settings for one task, from `<suite>/_tasks.yaml` (task -> config sections, e.g.
+    `sst2: {data: {max_train_samples: 8000}}`), as `section.field=value` overrides after `data.task=<task>`."""
+    from .tasks import get_task
+
+    get_task(task)  # an unknown task fails here, naming the known ones
+    path = os.path.join(suite, TASKS_FILE)
+    per_task = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            per_task = yaml.safe_load(fh) or {}
+        if not isinstance(per_task, dict) or not all(isinstance(v, dict) for v in per_task.values()):
+            raise ConfigError(f"{path}: expected task -> config sections, e.g. sst2: {{data: {{max_train_samples: 8000}}}}")
+    out = [f"data.task={task}"]
+    for section, fields in (per_task.get(task) or {}).items():
+        if not isinstance(fields, dict):
+            raise ConfigError(f"{path}: {task}.{section} must be a mapping of fields")
+        out += [f"{section}.{k}={json.dumps(v)}" for k, v in fields.items()]
+    return out
+
+
+def run_glue(suite: str, tasks: list[str], output_dir: str, results_dir: str | None = None, log=print,
+             **kwargs) -> dict:
+    """`run_bench` for every task in turn (its settings from the suite's `_tasks.yaml`), each task's runs
+    and results in `<dir>/<task>/`; then the GLUE report over the tasks. Returns run_bench's summary,
+    merged over the tasks (keys prefixed `<task>/`)."""
+    from .glue_report import write_glue_report
+
+    results_dir = results_dir or os.path.join(output_dir, "results")
+    overrides = list(kwargs.pop("overrides", None) or [])
+    per_task = {t: task_overrides(suite, t) for t in tasks}  # every task checked before anything runs
+    for t in tasks:
+        plan(suite, kwargs.get("seeds") or list(DEFAULT_SEEDS), kwargs.get("methods"), kwargs.get("quick", False),
+             overrides + per_task[t])
+    merged = {"ran": [], "skipped": [], "failed": {}, "chosen": {}}
+    for t in tasks:
+        log(f"bench: task {t}")
+        out = run_bench(suite, os.path.join(output_dir, t), os.path.join(results_dir, t),
+                        overrides=overrides + per_task[t], log=log, report=False, **kwargs)
+        merged["ran"] += [f"{t}/{k}" for k in out["ran"]]
+        merged["skipped"] += [f"{t}/{k}" for k in out["skipped"]]
+        merged["failed"].update({f"{t}/{k}": v for k, v in out["failed"].items()})
+        merged["chosen"].update({f"{t}/{k}": v for k, v in out["chosen"].items()})
+    from .glue_report import task_dirs
+
+    merged["report"] = write_glue_report(results_dir) if task_dirs(results_dir) else None
+    return merged
+
+
 def run_bench(
     suite: str,
     output_dir: str,
@@ -190,6 +242,7 @@ def run_bench(
     force: bool = False,
     command: str | None = None,
     select_only: bool = False,
+    report: bool = True,
     log=print,
 ) -> dict:
     """Run the bench: first every learning-rate selection run (dev split), then the reported runs with
@@ -223,8 +276,8 @@ def run_bench(
     if not select_only:
         pool.run(finals)
     have_results = any(f.endswith(".json") and "__seed" in f for f in os.listdir(results_dir))
-    report = write_report(results_dir) if have_results else None
-    return {"ran": pool.ran, "skipped": pool.skipped, "failed": pool.failed, "chosen": chosen, "report": report}
+    written = write_report(results_dir) if report and have_results else None
+    return {"ran": pool.ran, "skipped": pool.skipped, "failed": pool.failed, "chosen": chosen, "report": written}
 
 
 class _Pool:
@@ -323,4 +376,5 @@ def collect(run_dir: str, results_dir: str, job: Job, suite: str, quick: bool, c
     return path
 
 
-__all__ = ["Job", "QUICK_OVERRIDES", "choose_lr", "plan", "run_bench", "selection_jobs", "suite_methods"]
+__all__ = ["Job", "QUICK_OVERRIDES", "choose_lr", "plan", "run_bench", "run_glue", "selection_jobs", "suite_methods",
+           "task_overrides"]

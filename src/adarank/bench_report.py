@@ -30,7 +30,7 @@ def load_results(results_dir: str) -> dict[str, list[dict]]:
             with open(path, encoding="utf-8") as fh:
                 res = json.load(fh)
             method = res["bench"]["method"]
-            res["final"]["accuracy"]
+            res["final"]["eval_loss"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}: not a bench results file ({type(exc).__name__}: {exc})") from None
         runs[method].append(res)
@@ -53,7 +53,7 @@ def load_selection(results_dir: str) -> dict[str, dict[float, list[dict]]]:
             with open(path, encoding="utf-8") as fh:
                 res = json.load(fh)
             out[res["bench"]["method"]][float(res["bench"]["selection_lr"])].append(res)
-            res["final"]["accuracy"]
+            res["final"]["eval_loss"]
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{path}: not a selection results file ({type(exc).__name__}: {exc})") from None
     return {m: dict(sorted(v.items())) for m, v in sorted(out.items(), key=lambda kv: _order(kv[0], _first(kv[1])))}
@@ -114,7 +114,7 @@ def summarize(runs: dict[str, list[dict]]) -> list[dict]:
         row = {"method": method, "kind": rs[0].get("method", "adarank"), "n": len(rs),
                "seeds": sorted(r["bench"]["seed"] for r in rs)}
         for key in ("accuracy", "f1_macro", "eval_loss"):
-            row[key] = mean_std([r["final"][key] for r in rs])
+            row[key] = mean_std([r["final"].get(key) for r in rs])
         for key in ("trainable_params_final", "trainable_params_avg", "growth_events", "final_rank", "wall_time_s",
                     "step_time_s"):
             row[key] = mean_std([r.get(key) for r in rs])
@@ -461,7 +461,13 @@ def regenerate_command(runs: dict[str, list[dict]], results_dir: str, out: str |
 
 
 def write_report(results_dir: str, out: str | None = None, command: str | None = None) -> str:
-    """Write the Markdown report (default `<results_dir>/RESULTS.md`) and its PNGs beside it; returns its path."""
+    """Write the Markdown report (default `<results_dir>/RESULTS.md`) and its PNGs beside it; returns its path.
+    A GLUE results directory (a subdirectory of results per task, `adarank bench --tasks`) gets the GLUE
+    table instead (default `<results_dir>/GLUE.md`)."""
+    from .glue_report import task_dirs, write_glue_report
+
+    if task_dirs(results_dir) and not any("__seed" in f for f in os.listdir(results_dir)):
+        return write_glue_report(results_dir, out)
     runs = load_results(results_dir)
     rows = summarize(runs)
     if command is None:

@@ -105,11 +105,16 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
     command = "adarank " + " ".join(shlex.quote(a) for a in sys.argv[1:])  # provenance, in every results file
-    out = run_bench(
-        args.suite, args.output_dir, results_dir=args.results_dir, seeds=args.seeds,
-        methods=args.methods.split(",") if args.methods else None, quick=args.quick, jobs=args.jobs,
-        data_dir=args.data_dir, overrides=args.set, force=args.force, command=command, select_only=args.select_only,
-    )
+    kwargs = dict(results_dir=args.results_dir, seeds=args.seeds,
+                  methods=args.methods.split(",") if args.methods else None, quick=args.quick, jobs=args.jobs,
+                  data_dir=args.data_dir, overrides=args.set, force=args.force, command=command,
+                  select_only=args.select_only)
+    if args.tasks:
+        from .bench import run_glue
+
+        out = run_glue(args.suite, args.tasks.split(","), args.output_dir, **kwargs)
+    else:
+        out = run_bench(args.suite, args.output_dir, **kwargs)
     print(f"bench: {len(out['ran'])} run(s), {len(out['skipped'])} skipped, {len(out['failed'])} failed; "
           f"report: {out['report'] or 'none (no results yet)'}")
     if out["failed"]:
@@ -165,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data-dir", help="= data.data_dir for every run")
     b.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override for every run (repeatable)")
     b.add_argument("--force", action="store_true", help="rerun runs that already have a results file")
+    b.add_argument("--tasks", help="comma-separated GLUE tasks: run the suite on each (settings per task from the "
+                                   "suite's _tasks.yaml), results in RESULTS_DIR/<task>/, then the GLUE table")
     b.add_argument("--select-only", action="store_true",
                    help="run only the learning-rate selection runs (dev split), not the reported runs")
     b.set_defaults(func=_bench)
