@@ -225,3 +225,16 @@ def test_glue_bench_runs_each_task_and_reports_the_glue_table(tmp_path, capsys):
     assert lora_row.split(" | ")[1] == f"{100 * statistics.fmean(mrpc):.2f} ± {100 * statistics.stdev(mrpc):.2f} (n=2)"
     assert "| adarank_expand | lora_r2 |" in text and "**STSB**" in text and "first 40" in text
     assert "--tasks mrpc,stsb" in text
+
+
+def test_task_overrides_read_the_suites_tasks_file(tmp_path):
+    from adarank.bench import task_overrides
+
+    (tmp_path / "_tasks.yaml").write_text("sst2: {data: {max_train_samples: 8000}, train: {epochs: 1}}\n")
+    assert task_overrides(str(tmp_path), "sst2") == ["data.task=sst2", "data.max_train_samples=8000", "train.epochs=1"]
+    assert task_overrides(str(tmp_path), "rte") == ["data.task=rte"]
+    with pytest.raises(ValueError, match="unknown task 'mnli'"):
+        task_overrides(str(tmp_path), "mnli")
+    (tmp_path / "_tasks.yaml").write_text("sst2: [8000]\n")
+    with pytest.raises(ConfigError, match=r"_tasks\.yaml: expected task -> config sections"):
+        task_overrides(str(tmp_path), "sst2")
