@@ -9,11 +9,12 @@ Every `--every` optimizer steps each contender records:
   the adapted modules (ΔW = PEFT's `get_delta_weight`: LoRA B·A·s; AdaLoRA B·(A⊙E)·s / r);
 - `head_change`: ||θ_head − θ_head(0)||_F / ||θ_head(0)||_F of the classification head (trained by both);
 - `kept`: AdaLoRA's singular values not masked by its budget allocator, as a fraction of those allocated;
-- `loss`: the mean training loss since the previous record;
+- `loss`: the mean training loss since the previous record (AdaLoRA: with its orthogonality regularizer);
 and at the end the development-split accuracy and the share of predictions of the majority class.
 Contenders (`--lr` each): LoRA r=8; AdaLoRA (the bench's settings); AdaLoRA with E started at 1 instead of 0
 (its update is then no longer zero at the start, and B·A moves at once); AdaLoRA without the orthogonality
-regularizer. Runs go one at a time. --output also writes
+regularizer; AdaLoRA with the paper's MRPC schedule and scale (adalora_paper.yaml). Runs go one at a time.
+AdaLoRA's training loss includes its orthogonality regularizer (PEFT adds it to the model's loss). --output also writes
 docs/adalora_probe.md.
 """
 
@@ -39,6 +40,7 @@ def contenders(lr: float) -> dict[str, tuple[str, list[str]]]:
         "adalora": ("adalora.yaml", common),
         "adalora_E1": ("adalora.yaml", common),
         "adalora_no_orth": ("adalora.yaml", common + ["adalora.orth_reg_weight=0.0"]),
+        "adalora_paper": ("adalora_paper.yaml", common),
     }
 
 
@@ -63,8 +65,8 @@ def probe(name: str, config: str, overrides: list[str], every: int, out_dir: str
     def record_and_observe() -> None:
         losses.extend(float(x) for x in run.pending)
         observe()
-        if run.step % every and run.step != run.total_steps:
-            return
+        if run.step // every == (records[-1]["step"] // every if records else 0) and run.step != run.total_steps:
+            return  # (observe runs at logging steps: record at the first one of each `every` steps)
         with torch.no_grad():
             rel = [float(layer.get_delta_weight("default").norm() / layer.get_base_layer().weight.norm())
                    for _, layer in layers]
@@ -85,7 +87,7 @@ def probe(name: str, config: str, overrides: list[str], every: int, out_dir: str
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--every", type=int, default=31)
+    ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--max-steps", type=int, help="= train.max_steps (default: the benchmark's 1.5 epochs)")
     ap.add_argument("--only", help="comma-separated contender names (default: all)")
     ap.add_argument("--work-dir", default=os.path.join(ROOT, "out", "adalora_probe"))
