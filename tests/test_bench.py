@@ -68,6 +68,14 @@ def test_bench_runs_the_grid_reports_it_and_resumes(tmp_path, bert_suite):
         row = next(line for line in text.splitlines() if line.startswith(f"| {method} |"))
         assert f"{statistics.fmean(acc):.2f} ± {statistics.stdev(acc):.2f}" in row
     assert "## AdaRank against the references" in text and "lora_r2" in text
+    # the aim's verdict follows from the files: > 2 SE better than the best fixed rank at <= half its parameters
+    ours, ref = ([r["final"]["accuracy"] * 100 for r in runs[m]] for m in ("adarank_expand", "lora_r2"))
+    diff = statistics.fmean(ours) - statistics.fmean(ref)
+    se = (statistics.variance(ours) / 2 + statistics.variance(ref) / 2) ** 0.5
+    ratio = (statistics.fmean(r["trainable_params_avg"] for r in runs["adarank_expand"])
+             / statistics.fmean(r["trainable_params_avg"] for r in runs["lora_r2"]))
+    verdict = "met" if diff > 2 * se and ratio <= 0.5 else "not met"
+    assert f"- adarank_expand: {verdict} (Δ {diff:+.2f} points, 2 SE = {2 * se:.2f}; {ratio:.3g}× the parameters)" in text
     assert "adarank bench --suite" in text and "--seeds 0 1" in text
     for png in re.findall(r"\]\((\S+\.png)\)", text):
         assert os.path.getsize(os.path.join(results, png)) > 1000

@@ -198,9 +198,7 @@ def _relevant_prefixes(kind: str) -> tuple[str, ...]:
 
 def compare(a: dict, b: dict, key: str) -> str:
     """`a` minus `b` in points with the standard error of the difference and a plain verdict."""
-    (ma, sa), (mb, sb) = a[key], b[key]
-    diff = (ma - mb) * 100
-    se = math.sqrt(sa ** 2 / a["n"] + sb ** 2 / b["n"]) * 100
+    diff, se = _diff_se(a, b, key)
     if a["n"] < 2 or b["n"] < 2:
         verdict = "one seed: no error estimate"
     elif abs(diff) > 2 * se:
@@ -229,7 +227,23 @@ def comparisons(rows: list[dict]) -> list[str]:
             ratio = ours["trainable_params_avg"][0] / ref["trainable_params_avg"][0]
             lines.append(f"| {ours['method']} | {label} | {compare(ours, ref, 'accuracy')} | "
                          f"{compare(ours, ref, 'f1_macro')} | {ratio:.3g}× |")
+    if by_kind["lora"]:
+        best = max(by_kind["lora"], key=lambda r: r["accuracy"][0])
+        lines += ["", f"The aim — beat the best tuned fixed rank ({best['method']}) in accuracy by more than 2 standard "
+                  "errors at no more than half its step-averaged trainable parameters:", ""]
+        for ours in by_kind["adarank"]:
+            diff, se = _diff_se(ours, best, "accuracy")
+            ratio = ours["trainable_params_avg"][0] / best["trainable_params_avg"][0]
+            met = diff > 2 * se and ratio <= 0.5 and ours["n"] > 1 and best["n"] > 1
+            lines.append(f"- {ours['method']}: {'met' if met else 'not met'} (Δ {diff:+.2f} points, 2 SE = {2 * se:.2f}; "
+                         f"{ratio:.3g}× the parameters)")
     return lines
+
+
+def _diff_se(a: dict, b: dict, key: str) -> tuple[float, float]:
+    """Difference of means (points) and its standard error over seeds."""
+    (ma, sa), (mb, sb) = a[key], b[key]
+    return (ma - mb) * 100, math.sqrt(sa ** 2 / a["n"] + sb ** 2 / b["n"]) * 100
 
 
 BUDGET_DIR = "budget_x2"
