@@ -107,15 +107,17 @@ def test_report_alone_regenerates_from_the_files(tmp_path, bert_suite, capsys):
     assert "overhead_ratio=1.000 growth_event_s=0.250 trainer_speedup=2.000 peak_rss_ratio=1.000" in text
     assert "| HF Trainer + PEFT LoRA | 0.5000 | 32.0 | 1000 |" in text and "merge" in text
 
-    # a budget check (RESULTS/budget_x2/: the same runs trained twice as long) gets its own table
+    # a budget check (RESULTS/budget/<length>/: one method at several training lengths) gets its own table
     res = json.load(open(results / "lora_r2__seed0.json"))
-    (results / "budget_x2").mkdir()
-    res["config"]["train"]["epochs"] *= 2
-    res["final"]["accuracy"] += 0.015
-    (results / "budget_x2" / "lora_r2__seed0.json").write_text(json.dumps(res))
+    for name, epochs, gain in (("short", 1, 0.0), ("long", 2, 0.015)):
+        (results / "budget" / name).mkdir(parents=True)
+        run = json.loads(json.dumps(res))
+        run["config"]["train"]["epochs"] = epochs
+        run["final"]["accuracy"] += gain
+        (results / "budget" / name / "lora_r2__seed0.json").write_text(json.dumps(run))
     assert main(["report", str(results), "--out", str(out_md)]) == 0
-    row = next(line for line in out_md.read_text().splitlines() if line.startswith("| lora_r2 |") and "+1.50" in line)
-    assert row.endswith("| no |")  # doubling gained 1.5 points: not long enough
+    row = next(line for line in out_md.read_text().splitlines() if line.startswith("| lora_r2 | 0.005 | 2 |"))
+    assert "+1.50" in row and row.endswith("| no |")  # doubling gained 1.5 points: not long enough
 
 
 def test_bench_reports_failed_runs_and_exits_nonzero(tmp_path, bert_suite, capsys):

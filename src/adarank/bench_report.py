@@ -246,29 +246,33 @@ def _diff_se(a: dict, b: dict, key: str) -> tuple[float, float]:
     return (ma - mb) * 100, math.sqrt(sa ** 2 / a["n"] + sb ** 2 / b["n"]) * 100
 
 
-BUDGET_DIR = "budget_x2"
+BUDGET_DIR = "budget"
 
 
-def budget_section(results_dir: str, rows: list[dict]) -> list[str]:
-    """The budget check: runs in `<results_dir>/budget_x2/` (the same method and learning rate, twice the
-    training) against the reported ones; the budget is long enough where doubling it gains < 1 point."""
+def budget_section(results_dir: str) -> list[str]:
+    """The budget check: `<results_dir>/budget/<name>/` each hold runs of one method and learning rate at one
+    training length (e.g. `e2/`, `e4/`); per method, each length against the one half as long. A budget
+    counts as long enough where doubling it gains less than 1 point of validation accuracy."""
     path = os.path.join(results_dir, BUDGET_DIR)
-    if not os.path.isdir(path) or not any(f.endswith(".json") for f in os.listdir(path)):
+    if not os.path.isdir(path):
         return []
-    doubled = {r["method"]: r for r in summarize(load_results(path))}
+    rows = [r for d in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, d))
+            for r in summarize(load_results(os.path.join(path, d)))]
+    if not rows:
+        return []
     lines = ["", "## Is the budget long enough?", "",
-             f"The same method and learning rate trained twice as long (`{BUDGET_DIR}/`), against the reported runs. "
-             "The budget counts as long enough where doubling it gains less than 1 point of validation accuracy.", "",
-             "| method | epochs | accuracy | epochs ×2 | accuracy | Δ accuracy (points) | gain < 1 point |",
-             "|---|---|---|---|---|---|---|"]
-    by_method = {r["method"]: r for r in rows}
-    for method, twice in doubled.items():
-        once = by_method.get(method)
-        if once is None:
-            continue
-        gain = (twice["accuracy"][0] - once["accuracy"][0]) * 100
-        lines.append(f"| {method} | {once['epochs']:g} | {_fmt_ms(once['accuracy'])} | {twice['epochs']:g} | "
-                     f"{_fmt_ms(twice['accuracy'])} | {compare(twice, once, 'accuracy')} | {'yes' if gain < 1 else 'no'} |")
+             f"The same method and learning rate at several training lengths (`{BUDGET_DIR}/`), each against the one "
+             "half as long. A budget counts as long enough where doubling it gains less than 1 point of validation "
+             "accuracy; training is capped at 4 epochs.", "",
+             "| method | lr | epochs | seeds | accuracy | F1 macro | Δ accuracy vs half as long (points) | gain < 1 point |",
+             "|---|---|---|---|---|---|---|---|"]
+    by_key = {(r["method"], tuple(r["lr"]), r["epochs"]): r for r in rows}
+    for (method, lr, epochs), r in sorted(by_key.items()):
+        half = by_key.get((method, lr, epochs / 2))
+        gain = "–" if half is None else compare(r, half, "accuracy")
+        small = "–" if half is None else ("yes" if (r["accuracy"][0] - half["accuracy"][0]) * 100 < 1 else "no")
+        lines.append(f"| {method} | {', '.join(f'{x:g}' for x in lr)} | {epochs:g} | {r['n']} | {_fmt_ms(r['accuracy'])} | "
+                     f"{_fmt_ms(r['f1_macro'])} | {gain} | {small} |")
     return lines
 
 
@@ -364,7 +368,7 @@ def markdown(results_dir: str, runs: dict[str, list[dict]], rows: list[dict], pl
         lines += ["", "## AdaRank against the references", "",
                   "Differences of means in points; SE is the standard error of the difference over seeds. "
                   "\"higher\"/\"lower\" only where |Δ| > 2 SE.", ""] + cmp_lines
-    lines += budget_section(results_dir_abs, rows)
+    lines += budget_section(results_dir_abs)
     lines += overhead_section(results_dir_abs, shown_dir)
     lines += ["", "## Plots", ""]
     for title, path in plots.items():
