@@ -14,8 +14,8 @@ and at the end the development-split accuracy and the share of predictions of th
 Contenders (`--lr` each): LoRA r=8; AdaLoRA (the bench's settings); AdaLoRA with E started at 1 instead of 0
 (its update is then no longer zero at the start, and B·A moves at once); AdaLoRA without the orthogonality
 regularizer; AdaLoRA with the paper's MRPC schedule and scale (adalora_paper.yaml). Runs go one at a time.
-AdaLoRA's training loss includes its orthogonality regularizer (PEFT adds it to the model's loss). --output also writes
-docs/adalora_probe.md.
+AdaLoRA's training loss includes its orthogonality regularizer (PEFT adds it to the model's loss). --output also
+writes adalora_probe.md one directory above the JSON's (docs/results/x.json -> docs/adalora_probe.md).
 """
 
 from __future__ import annotations
@@ -88,10 +88,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--every", type=int, default=50)
-    ap.add_argument("--max-steps", type=int, help="= train.max_steps (default: the benchmark's 1.5 epochs)")
+    ap.add_argument("--max-steps", type=int, help="= train.max_steps (default: the benchmark suite's budget)")
     ap.add_argument("--only", help="comma-separated contender names (default: all)")
     ap.add_argument("--work-dir", default=os.path.join(ROOT, "out", "adalora_probe"))
-    ap.add_argument("--output", help="JSON file; docs/adalora_probe.md is written beside docs/")
+    ap.add_argument("--output", help="JSON file; adalora_probe.md goes one directory above it")
     args = ap.parse_args()
     todo = contenders(args.lr)
     if args.max_steps:
@@ -108,7 +108,8 @@ def main() -> int:
         from adarank.report import write_json
 
         write_json(args.output, out)
-        write_markdown(out, os.path.join(ROOT, "docs", "adalora_probe.md"), args.output)
+        write_markdown(out, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(args.output))), "adalora_probe.md"),
+                       args.output)
     return 0
 
 

@@ -130,7 +130,7 @@ def report() -> str:
         sched = r["rank_schedule"]
         rows.append(
             f"| {name} | {_method(r)} | {r['criterion'] if r['growth_enabled'] else '-'} "
-            f"| {f['accuracy']:.4f} | {f['f1_macro']:.4f} | {f['f1_pos']:.4f} | {f['eval_loss']:.4f} "
+            f"| {f['accuracy']:.4f} | {f['f1_macro']:.4f} | {f.get('f1_equivalent', f.get('f1_pos')):.4f} | {f['eval_loss']:.4f} "
             f"| {' → '.join(map(str, sched)) if len(sched) < 9 else f'{sched[0]} → … → {sched[-1]} ({len(sched) - 1} growths)'} "
             f"| {', '.join(str(e['step']) + ('p' if e['action'] == 'prune' else '') for e in r['rank_events']) or '-'} "
             f"| {sum(r['final_ranks'].values()) / len(r['final_ranks']):.2f} | {fmt_int(r['trainable_params_final'])} | {fmt_int(r['trainable_params_avg'])} | {r['wall_time_s']:.0f} |"

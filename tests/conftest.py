@@ -53,7 +53,7 @@ def write_glue(root, task: str = "mrpc", n_train: int = 64, n_eval: int = 32) ->
 
 # every GLUE task's prompt and target words, and the digits of STS-B scores ("3.8")
 GLUE_WORDS = tuple("rte wnli cola sst2 stsb sentence entailment not_entailment acceptable unacceptable positive "
-                   "negative _ . 0 1 2 3 4 5 6 7 8 9".split())
+                   "negative".split()) + tuple(f"{k / 5:.1f}" for k in range(26))  # "0.0" ... "5.0": one token each
 
 
 def word_tokenizer(kind: str, words: tuple[str, ...] = ()):
@@ -72,6 +72,11 @@ def word_tokenizer(kind: str, words: tuple[str, ...] = ()):
     vocab = {w: i for i, w in enumerate(specials + sorted(set(WORDS) | set(extra)))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=specials[1] if kind == "bert" else "<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    if words:  # a score such as "3.8" stays one token (and decodes as written); other punctuation is split off
+        from tokenizers import Regex
+
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(r"\d\.\d|[^\w\s]"), "isolated")])
     if kind == "gpt":
         return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
                                        unk_token="<unk>")

@@ -198,6 +198,18 @@ def test_bench_chooses_each_learning_rate_on_the_dev_split(tmp_path, glue_dir, b
     third = run_bench(suite, str(out), str(results), seeds=[0], log=lambda _: None)
     assert third["ran"] == ["adarank_expand__seed0"]
     assert json.load(open(results / "adarank_expand__seed0.json"))["config"]["train"]["batch_size"] == 4
+    assert os.path.exists(results / "adarank_expand__seed0.json.stale")  # the old one set aside, not deleted
+
+    # a rate whose loss became non-finite counts as the worst of the grid
+    from adarank.bench import choose_lr
+
+    other = 0.05 if best == 0.0001 else 0.0001
+    for seed in (0, 1):
+        path = results / "select" / f"lora_r2__lr{best:g}__seed{seed}.json"
+        res = json.load(open(path))
+        res["status"] = "nonfinite_loss"
+        path.write_text(json.dumps(res))
+    assert choose_lr(str(results), os.path.join(suite, "lora_r2.yaml"), [])[0] == other
 
 
 def test_glue_bench_runs_each_task_and_reports_the_glue_table(tmp_path, capsys):

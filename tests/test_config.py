@@ -102,3 +102,19 @@ def test_select_grid_reads_yaml_numbers_and_may_change_on_resume():
     cfg = RunConfig.from_dict({"select": {"lr": ["1e-3", 3.0e-4]}})  # YAML 1.1 reads 1e-3 as a string
     assert cfg.select.lr == [1e-3, 3e-4] and cfg.data.eval_split == "validation"
     assert {"select.lr", "select.seeds", "select.metric"} <= set(RESUME_MAY_CHANGE)
+
+
+def test_a_config_written_before_a_field_existed_compares_as_its_default():
+    """Runs and results files written before a field existed resume and count as current when the field is
+    at its default, and not when it is set otherwise."""
+    from adarank.config import config_differences
+
+    old = RunConfig().to_dict()
+    del old["select"], old["data"]["eval_split"], old["data"]["dev_seed"]
+    assert config_differences(old, RunConfig().to_dict()) == []
+    assert config_differences(old, RunConfig.from_dict({"data": {"eval_split": "dev"}}).to_dict()) == ["data.eval_split"]
+
+
+def test_significance_needs_a_window_of_two():
+    with pytest.raises(ConfigError, match=r"adarank\.check_every must be >= 2 with criterion significance"):
+        AdaRankConfig(criterion="significance", check_every=1, tol=2.0)

@@ -46,7 +46,7 @@ def test_mcc_known_values_and_the_all_acceptable_model():
     # tp=1 tn=2 fp=0 fn=1: (1·2 − 0·1) / sqrt((1+0)(1+1)(2+0)(2+1)) = 2/sqrt(12)
     m = task_metrics(cola, [1, 1, 0, 0], [1, 0, 0, 0])
     assert m["mcc"] == pytest.approx(2 / 12 ** 0.5) and m["score"] == m["mcc"]
-    # the example: always "acceptable" on CoLA's validation mix scores 0.648 accuracy and MCC 0
+    # always "acceptable" on CoLA's validation mix (721 of 1043): accuracy 0.691, and MCC 0
     labels = [1] * 721 + [0] * 322
     m = task_metrics(cola, labels, [1] * len(labels))
     assert m["accuracy"] == pytest.approx(721 / 1043) and round(m["accuracy"], 3) == 0.691 and m["mcc"] == 0.0
@@ -93,3 +93,10 @@ def test_regression_metrics_known_values_and_undecodable():
     assert m["undecodable"] == 1 and m["spearman"] == pytest.approx(spearmanr(labels, [0.4, -1, 2.0, 4.4, 4.6]).statistic)
     # a constant predictor earns nothing (SciPy would give nan)
     assert task_metrics(stsb, labels, [2.5] * 5)["pearson"] == 0.0
+
+
+def test_a_diverged_regressor_counts_as_undecodable_not_nan():
+    from adarank import task_metrics
+
+    m = task_metrics(get_task("stsb"), [0.0, 2.0, 4.0, 5.0], [float("nan"), 2.0, float("inf"), 4.5])
+    assert m["undecodable"] == 2 and all(m[k] == m[k] for k in ("pearson", "spearman", "score", "mse"))  # not NaN

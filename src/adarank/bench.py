@@ -19,6 +19,7 @@ and names the failed runs and their logs.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -113,22 +114,40 @@ def selection_jobs(jobs: list[Job]) -> list[Job]:
     two or more values: one per value and selection seed, on the dev split. Seed-major, as `plan`."""
     out, seen = [], set()
     for job in jobs:
-        if job.method in seen or job.lr is not None:
+        if job.method in seen or job.lr is not None or job.method == "zero_shot":
             continue
         seen.add(job.method)
-        sel = load_config(job.config, job.overrides).select
+        cfg = load_config(job.config, job.overrides)
+        sel = cfg.select
         if sel.lr is None or len(sel.lr) < 2:
             continue
+        check_metric(cfg, job.config)
         out += [Job(job.method, seed, job.config, job.overrides + ["data.eval_split=dev", f"train.lr={lr!r}"], lr)
                 for seed in sel.seeds for lr in sel.lr]
     methods = list(dict.fromkeys(j.method for j in out))
     return sorted(out, key=lambda j: (j.seed, methods.index(j.method)))  # stable: each grid in its order
 
 
+def check_metric(cfg, source: str) -> None:
+    """`select.metric` must be one the task reports (STS-B has no accuracy, for instance)."""
+    from .tasks import get_task
+
+    task = get_task(cfg.data.task)
+    reported = ("score", "pearson", "spearman") if task.regression else ("score", "accuracy", "f1_macro", "mcc")
+    if cfg.select.metric not in reported:
+        raise ConfigError(f"{source}: select.metric={cfg.select.metric} is not a metric of task {task.name}; "
+                          f"it reports {list(reported)} ('score' is its GLUE headline)")
+
+
+def _worst_if_missing(value: float | None, worst: float) -> float:
+    return worst if value is None or not math.isfinite(value) else value
+
+
 def choose_lr(results_dir: str, config: str, overrides: list[str]) -> tuple[float | None, dict[float, dict]]:
     """(chosen learning rate, {lr: {"score", "eval_loss", "runs"}}) for one method from its selection runs'
-    results files; the chosen one is None while any selection run has no results file, or when the method
-    has no grid. Best mean `select.metric` over the selection seeds; ties: the lower mean validation loss."""
+    results files; the chosen one is None while any selection run has no up-to-date results file, or when
+    the method has no grid. Best mean `select.metric` over the selection seeds (a missing or non-finite
+    score counts as the worst); ties: the lower mean loss on the dev split."""
     sel = load_config(config, overrides).select
     if sel.lr is None or len(sel.lr) < 2:
         return None, {}
@@ -137,13 +156,17 @@ def choose_lr(results_dir: str, config: str, overrides: list[str]) -> tuple[floa
     for lr in sel.lr:
         finals = []
         for seed in sel.seeds:
-            path = os.path.join(results_dir, Job(method, seed, config, [], lr).key + ".json")
-            if not os.path.exists(path):
+            job = Job(method, seed, config, overrides + ["data.eval_split=dev", f"train.lr={lr!r}"], lr)
+            path = os.path.join(results_dir, job.key + ".json")
+            if _results_state(path, job) != "done":
                 return None, table
             with open(path, encoding="utf-8") as fh:
-                finals.append(json.load(fh)["final"])
-        table[lr] = {"score": sum(f[sel.metric] for f in finals) / len(finals),
-                     "eval_loss": sum(f["eval_loss"] for f in finals) / len(finals), "runs": len(finals)}
+                res = json.load(fh)
+            # a run stopped by a non-finite loss (this rate diverged) counts as the worst
+            finals.append({} if res.get("status") == "nonfinite_loss" else res["final"] or {})
+        table[lr] = {"score": sum(_worst_if_missing(f.get(sel.metric), -math.inf) for f in finals) / len(finals),
+                     "eval_loss": sum(_worst_if_missing(f.get("eval_loss"), math.inf) for f in finals) / len(finals),
+                     "runs": len(finals)}
     best = max(table, key=lambda lr: (table[lr]["score"], -table[lr]["eval_loss"]))
     return best, table
 
@@ -212,13 +235,17 @@ def run_glue(suite: str, tasks: list[str], output_dir: str, results_dir: str | N
     overrides = list(kwargs.pop("overrides", None) or [])
     per_task = {t: task_overrides(suite, t) for t in tasks}  # every task checked before anything runs
     for t in tasks:
-        plan(suite, kwargs.get("seeds") or list(DEFAULT_SEEDS), kwargs.get("methods"), kwargs.get("quick", False),
-             overrides + per_task[t])
+        jobs = plan(suite, kwargs.get("seeds") or list(DEFAULT_SEEDS), kwargs.get("methods"), kwargs.get("quick", False),
+                    per_task[t] + overrides)
+        if not kwargs.get("quick"):
+            selection_jobs(jobs)  # checks each grid's select.metric against the task
     merged = {"ran": [], "skipped": [], "failed": {}, "chosen": {}}
     for t in tasks:
         log(f"bench: task {t}")
+        # the task's own settings first, so --set overrides them; --quick keeps its small data
+        mine = per_task[t][:1] if kwargs.get("quick") else per_task[t]
         out = run_bench(suite, os.path.join(output_dir, t), os.path.join(results_dir, t),
-                        overrides=overrides + per_task[t], log=log, report=False, **kwargs)
+                        overrides=mine + overrides, log=log, report=False, **kwargs)
         merged["ran"] += [f"{t}/{k}" for k in out["ran"]]
         merged["skipped"] += [f"{t}/{k}" for k in out["skipped"]]
         merged["failed"].update({f"{t}/{k}": v for k, v in out["failed"].items()})
@@ -258,7 +285,8 @@ def run_bench(
     os.makedirs(results_dir, exist_ok=True)
     pool = _Pool(output_dir, results_dir, data_dir, force, jobs, suite, quick, command, log)
     if quick:
-        log("bench: --quick: no learning-rate selection, each config's train.lr is used")
+        log("bench: --quick: no learning-rate selection, each config's train.lr is used"
+            + ("; --select-only: nothing to run" if select_only else ""))
     else:
         pool.run(selection_jobs(reported))
     chosen, finals = {}, []
@@ -266,14 +294,22 @@ def run_bench(
         lr, _ = (None, {}) if quick or job.method == "zero_shot" else choose_lr(results_dir, job.config, job.overrides)
         grid = None if quick or job.method == "zero_shot" else load_config(job.config, job.overrides).select.lr
         if grid is not None and len(grid) > 1 and lr is None:
-            continue  # its selection is incomplete (a failed run is reported): nothing to report yet
+            # its selection is incomplete (a failed run is reported): nothing to report yet, and what an
+            # earlier choice reported is not current
+            _set_aside(os.path.join(results_dir, job.key + ".json"), log)
+            continue
         if lr is not None:
             chosen[job.method] = lr
             job = Job(job.method, job.seed, job.config, job.overrides + [f"train.lr={lr!r}"])
         finals.append(job)
     for method, lr in chosen.items():
         log(f"bench: {method}: learning rate {lr:g} chosen on the dev split")
-    if not select_only:
+    if select_only:  # results of another config (e.g. an earlier choice) are not reported as current
+        for job in finals:
+            path = os.path.join(results_dir, job.key + ".json")
+            if _results_state(path, job) == "stale":
+                _set_aside(path, log)
+    else:
         pool.run(finals)
     have_results = any(f.endswith(".json") and "__seed" in f for f in os.listdir(results_dir))
     written = write_report(results_dir) if report and have_results else None
@@ -296,13 +332,15 @@ class _Pool:
     def run(self, todo: list[Job]) -> None:
         pending, stale, skipped = [], [], []
         for job in todo:
-            state = "run" if self.force else _results_state(os.path.join(self.results_dir, job.key + ".json"), job)
+            path = os.path.join(self.results_dir, job.key + ".json")
+            state = "run" if self.force else _results_state(path, job)
             if state == "done":
                 skipped.append(job.key)
             else:
                 pending.append(job)
                 if state == "stale":
                     stale.append(job.key)
+                    _set_aside(path, lambda _: None)  # never read as current, even if its rerun fails
         self.skipped += skipped
         if skipped:
             self.log(f"bench: {len(skipped)} run(s) already have results in {self.results_dir}; skipping them "
@@ -331,7 +369,10 @@ class _Pool:
                 running.remove(item)
                 done += 1
                 log_path = os.path.join(run_dir, "bench.log")
-                if proc.returncode != 0:
+                if proc.returncode != 0 and job.lr is not None and _diverged(run_dir):
+                    self.log(f"bench: {job.key}: the loss became non-finite at this learning rate; counted as the "
+                             f"worst of its grid (log: {log_path})")
+                elif proc.returncode != 0:
                     self.failed[job.key] = log_path
                     self.log(f"bench: FAILED {job.key} (exit {proc.returncode}); log: {log_path}")
                     continue
@@ -342,6 +383,23 @@ class _Pool:
 
 
 IGNORED_IN_RESULTS = ("train.output_dir", "data.data_dir")  # where a run was written and read from
+DEV_SPLIT_FIELDS = ("data.dev_fraction", "data.dev_seed")  # no effect on a run scored on validation
+
+
+def _diverged(run_dir: str) -> bool:
+    """Whether a run stopped because its loss became non-finite (its results.json says so)."""
+    try:
+        with open(os.path.join(run_dir, "results.json"), encoding="utf-8") as fh:
+            return json.load(fh).get("status") == "nonfinite_loss"
+    except (OSError, ValueError):
+        return False
+
+
+def _set_aside(path: str, log) -> None:
+    """Rename a results file that is no longer current to `<name>.stale` (kept, never read as a result)."""
+    if os.path.exists(path):
+        os.replace(path, path + ".stale")
+        log(f"bench: {path} was made with another config or learning rate; set aside as {os.path.basename(path)}.stale")
 
 
 def _results_state(path: str, job: Job) -> str:
@@ -355,7 +413,10 @@ def _results_state(path: str, job: Job) -> str:
     except (OSError, ValueError, KeyError, TypeError):
         return "stale"
     current = load_config(job.config, job.overrides + [f"train.seed={job.seed}"]).to_dict()
-    differ = [k for k in config_differences(previous, current) if k not in RESUME_MAY_CHANGE + IGNORED_IN_RESULTS]
+    ignored = RESUME_MAY_CHANGE + IGNORED_IN_RESULTS
+    if current["data"]["eval_split"] == "validation":
+        ignored += DEV_SPLIT_FIELDS
+    differ = [k for k in config_differences(previous, current) if k not in ignored]
     return "stale" if differ else "done"
 
 

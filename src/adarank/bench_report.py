@@ -53,7 +53,7 @@ def load_selection(results_dir: str) -> dict[str, dict[float, list[dict]]]:
             with open(path, encoding="utf-8") as fh:
                 res = json.load(fh)
             out[res["bench"]["method"]][float(res["bench"]["selection_lr"])].append(res)
-            res["final"]["eval_loss"]
+            res["bench"]["method"]
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{path}: not a selection results file ({type(exc).__name__}: {exc})") from None
     return {m: dict(sorted(v.items())) for m, v in sorted(out.items(), key=lambda kv: _order(kv[0], _first(kv[1])))}
@@ -87,7 +87,10 @@ def selection_section(selection: dict[str, dict[float, list[dict]]], runs: dict[
             if not rs:
                 cells.append("")
                 continue
-            m, _ = mean_std([r["final"][metric] for r in rs])
+            if any(r.get("status") == "nonfinite_loss" for r in rs):
+                cells.append("diverged")  # counted as the worst of the grid
+                continue
+            m, _ = mean_std([r["final"].get(metric) for r in rs])
             cell = f"{100 * m:.2f}" + (f" (n={len(rs)})" if len(rs) > 1 else "")
             cells.append(f"**{cell}**" if lr in used else cell)
         chosen = ", ".join(f"{lr:g}" for lr in sorted(used)) if used else "(no reported runs yet)"
@@ -113,14 +116,14 @@ def summarize(runs: dict[str, list[dict]]) -> list[dict]:
     for method, rs in runs.items():
         row = {"method": method, "kind": rs[0].get("method", "adarank"), "n": len(rs),
                "seeds": sorted(r["bench"]["seed"] for r in rs)}
-        for key in ("accuracy", "f1_macro", "eval_loss"):
+        for key in ("accuracy", "f1_macro", "eval_loss", "score"):
             row[key] = mean_std([r["final"].get(key) for r in rs])
         for key in ("trainable_params_final", "trainable_params_avg", "growth_events", "final_rank", "wall_time_s",
                     "step_time_s"):
             row[key] = mean_std([r.get(key) for r in rs])
         row["lr"] = sorted({r["config"]["train"]["lr"] for r in rs})
         row["epochs"] = rs[0]["config"]["train"]["epochs"]
-        row["chances"] = growth_chances(rs) if row["kind"] == "adarank" else None
+        row["chances"] = growth_chances(rs) if row["kind"] == "adarank" and all("checks" in r for r in rs) else None
         rows.append(row)
     return rows
 
@@ -208,7 +211,14 @@ def compare(a: dict, b: dict, key: str) -> str:
     return f"{diff:+.2f} (SE {se:.2f}; {verdict})"
 
 
+def primary(rows: list[dict]) -> str:
+    """The metric the comparisons use: accuracy, or the task's headline `score` where there is no accuracy
+    (STS-B)."""
+    return "accuracy" if all(not math.isnan(r["accuracy"][0]) for r in rows) else "score"
+
+
 def comparisons(rows: list[dict]) -> list[str]:
+    key = primary(rows)
     by_kind = defaultdict(list)
     for r in rows:
         by_kind[r["kind"]].append(r)
@@ -217,22 +227,22 @@ def comparisons(rows: list[dict]) -> list[str]:
         return lines
     refs = []
     if by_kind["lora"]:
-        best = max(by_kind["lora"], key=lambda r: r["accuracy"][0])
-        refs.append((f"the best fixed-rank LoRA by mean accuracy ({best['method']})", best))
+        best = max(by_kind["lora"], key=lambda r: r[key][0])
+        refs.append((f"the best fixed-rank LoRA by mean {key} ({best['method']})", best))
     refs += [(f"{r['method']}", r) for r in by_kind["adalora"] + by_kind["full"] + by_kind["head"]]
-    lines.append("| AdaRank run | versus | Δ accuracy (points) | Δ F1 macro (points) | step-averaged trainable params, ratio |")
+    lines.append(f"| AdaRank run | versus | Δ {key} (points) | Δ F1 macro (points) | step-averaged trainable params, ratio |")
     lines.append("|---|---|---|---|---|")
     for ours in by_kind["adarank"]:
         for label, ref in refs:
             ratio = ours["trainable_params_avg"][0] / ref["trainable_params_avg"][0]
-            lines.append(f"| {ours['method']} | {label} | {compare(ours, ref, 'accuracy')} | "
+            lines.append(f"| {ours['method']} | {label} | {compare(ours, ref, key)} | "
                          f"{compare(ours, ref, 'f1_macro')} | {ratio:.3g}× |")
     if by_kind["lora"]:
-        best = max(by_kind["lora"], key=lambda r: r["accuracy"][0])
-        lines += ["", f"The aim — beat the best tuned fixed rank ({best['method']}) in accuracy by more than 2 standard "
+        best = max(by_kind["lora"], key=lambda r: r[key][0])
+        lines += ["", f"The aim — beat the best tuned fixed rank ({best['method']}) in {key} by more than 2 standard "
                   "errors at no more than half its step-averaged trainable parameters:", ""]
         for ours in by_kind["adarank"]:
-            diff, se = _diff_se(ours, best, "accuracy")
+            diff, se = _diff_se(ours, best, key)
             ratio = ours["trainable_params_avg"][0] / best["trainable_params_avg"][0]
             met = diff > 2 * se and ratio <= 0.5 and ours["n"] > 1 and best["n"] > 1
             lines.append(f"- {ours['method']}: {'met' if met else 'not met'} (Δ {diff:+.2f} points, 2 SE = {2 * se:.2f}; "
@@ -257,6 +267,7 @@ def budget_section(results_dir: str) -> list[str]:
     if not os.path.isdir(path):
         return []
     rows = [r for d in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, d))
+            and any("__seed" in f for f in os.listdir(os.path.join(path, d)))
             for r in summarize(load_results(os.path.join(path, d)))]
     if not rows:
         return []
@@ -340,7 +351,8 @@ def markdown(results_dir: str, runs: dict[str, list[dict]], rows: list[dict], pl
     splits = sorted({r["config"]["data"].get("eval_split", "validation") for rs in runs.values() for r in rs})
     split = " and ".join({"dev": "development", "validation": "validation"}[x] for x in splits)
     lines += [
-        f"Accuracy and F1 macro on the {split} split after the last step, in percent, mean ± standard deviation over "
+        f"Accuracy, F1 macro and score (the task's GLUE headline: MRPC the mean of accuracy and F1 of "
+        f"'equivalent') on the {split} split after the last step, in percent, mean ± standard deviation over "
         "seeds. lr: the learning rate the runs used. Trainable parameters: at the end, and averaged over optimizer "
         "steps (AdaRank's rank changes; "
         "AdaLoRA counts every allocated entry, masked or not). Rank: the largest rank over adapted modules at the "
@@ -348,15 +360,15 @@ def markdown(results_dir: str, runs: dict[str, list[dict]], rows: list[dict], pl
         "looked at the loss and could have grown, summed over seeds. Time: wall time of the run and seconds per "
         f"optimizer step without evaluation and rank changes, {_parallel_note(runs)}.",
         "",
-        "| method | seeds | lr | accuracy | F1 macro | val loss | trainable (final) | trainable (step avg) | "
+        "| method | seeds | lr | accuracy | F1 macro | score | val loss | trainable (final) | trainable (step avg) | "
         "growth events | grew / chances | final rank | wall s | s/step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         chances = f"{r['chances'][0]} / {r['chances'][1]}" if r["chances"] else "–"
         lines.append(
             f"| {r['method']} | {r['n']} | {', '.join(f'{x:g}' for x in r['lr'])} | {_fmt_ms(r['accuracy'])} | "
-            f"{_fmt_ms(r['f1_macro'])} | "
+            f"{_fmt_ms(r['f1_macro'])} | {_fmt_ms(r['score'])} | "
             f"{_fmt_ms(r['eval_loss'], 3, 1.0)} | {_fmt_num(r['trainable_params_final'])} | "
             f"{_fmt_num(r['trainable_params_avg'])} | {_fmt_num(r['growth_events'], 1)} | {chances} | "
             f"{_fmt_num(r['final_rank'], 1) if r['kind'] in ADAPTER_KINDS else '–'} | {_fmt_num(r['wall_time_s'])} | "
@@ -396,8 +408,9 @@ def plot_double_descent(runs: dict[str, list[dict]], rows: list[dict], path: str
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    key = primary(rows)
     panels = (("eval_loss", "validation loss", lambda e: e["eval_loss"]),
-              ("error", "validation error (1 − accuracy)", lambda e: 1.0 - e["accuracy"]))
+              ("error", f"validation error (1 − {key})", lambda e: 1.0 - e[key]))
     lora = sorted((r for r in rows if r["kind"] == "lora"), key=lambda r: runs[r["method"]][0]["config"]["adarank"]["r0"])
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (_, ylabel, get) in zip(axes, panels):
@@ -427,7 +440,9 @@ def plot_double_descent(runs: dict[str, list[dict]], rows: list[dict], path: str
 
 
 def plot_accuracy_params(runs: dict[str, list[dict]], rows: list[dict], path: str) -> None:
-    """Mean accuracy (± std) against step-averaged trainable parameters, one point per method."""
+    """Mean accuracy (or, without one, the task's score; ± std) against step-averaged trainable parameters,
+    one point per method."""
+    key = primary(rows)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -438,12 +453,12 @@ def plot_accuracy_params(runs: dict[str, list[dict]], rows: list[dict], path: st
         x = r["trainable_params_avg"][0]
         if not x or math.isnan(x):
             continue
-        m, s = r["accuracy"]
+        m, s = r[key]
         ax.errorbar([x], [m * 100], yerr=[s * 100], fmt="o", capsize=3)
         ax.annotate(r["method"], (x, m * 100), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters, averaged over optimizer steps")
-    ax.set_ylabel("validation accuracy (%)")
+    ax.set_ylabel(f"validation {key} (%)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     _save(fig, path)

@@ -115,6 +115,9 @@ class AdaRankConfig:
                 raise ConfigError(f"adarank.{name} must be true or false, got {getattr(self, name)!r}")
         if self.criterion not in CRITERIA:
             raise ConfigError(f"adarank.criterion must be one of {list(CRITERIA)}, got {self.criterion!r}")
+        if self.criterion == "significance" and self.check_every < 2:
+            raise ConfigError("adarank.check_every must be >= 2 with criterion significance (a window's spread "
+                              f"needs two losses), got {self.check_every}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"adarank.strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
         if self.grow_top_k is not None:
@@ -395,12 +398,22 @@ RESUME_MAY_CHANGE = ("train.checkpoint_every", "train.keep_checkpoints", "train.
 
 
 def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """Dotted names of the fields whose values differ between two `RunConfig.to_dict()` mappings."""
+    """Dotted names of the fields whose values differ between two `RunConfig.to_dict()` mappings. A field
+    one of them lacks (a config written before the field existed) counts as its default."""
+    a, b = _with_defaults(a), _with_defaults(b)
     out = []
     for section in sorted(set(a) | set(b)):
         sa, sb = a.get(section) or {}, b.get(section) or {}
         out += [f"{section}.{k}" for k in sorted(set(sa) | set(sb)) if sa.get(k) != sb.get(k)]
     return out
+
+
+def _with_defaults(cfg: dict[str, Any]) -> dict[str, Any]:
+    """`cfg` with every field the current RunConfig has and `cfg` lacks set to its default; as it is when
+    it is not a valid config (then every difference shows)."""
+    defaults = RunConfig().to_dict()
+    return {section: {**defaults.get(section, {}), **(values or {})} if isinstance(values, dict) else values
+            for section, values in {**{k: {} for k in defaults}, **cfg}.items()}
 
 
 def load_config(path: str, overrides: list[str] | None = None) -> RunConfig:

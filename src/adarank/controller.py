@@ -74,6 +74,8 @@ class RankController:
             raise ValueError(f"criterion must be one of {list(CRITERIA)}, got {criterion!r}")
         if not 1 <= r0 <= r_max or alpha < 1 or check_every < 1:
             raise ValueError("need 1 <= r0 <= r_max, alpha >= 1 and check_every >= 1")
+        if criterion == "significance" and check_every < 2:
+            raise ValueError("criterion significance needs check_every >= 2 (a window's spread needs two losses)")
         self.r0, self.r_max, self.alpha, self.tol = r0, r_max, alpha, tol
         self.check_every, self.warmup_steps = check_every, warmup_steps
         self.criterion, self.cooldown_steps = criterion, cooldown_steps
@@ -138,7 +140,7 @@ class RankController:
             return self._hold(step, None, "non-finite loss in window")
         n = len(self.window)
         mean = sum(self.window) / n
-        var = sum((x - mean) ** 2 for x in self.window) / (n - 1) / n if n > 1 else math.inf
+        var = sum((x - mean) ** 2 for x in self.window) / (n - 1) / n if n > 1 else 0.0
         prev, self.prev_mean = self.prev_mean, mean
         prev_var, self.prev_var = self.prev_var, var
         if self.full:
@@ -151,7 +153,7 @@ class RankController:
             reason = f"window loss {mean:.4f} > tol {self.tol}"
         elif self.criterion == "fixed":
             reason = "fixed schedule"
-        elif prev is None:
+        elif prev is None or (self.criterion == "significance" and prev_var is None):
             return self._hold(step, mean, "first window")
         elif self.criterion == "significance":
             se = math.sqrt(prev_var + var)

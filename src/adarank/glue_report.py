@@ -78,8 +78,9 @@ def markdown(results_dir: str, shown: str, command: str | None) -> str:
               + "; ".join(f"{t.upper()} " + " and ".join(HEADLINE_NAMES.get(k, k) for k in TASKS[t].headline)
                           + (" (mean)" if len(TASKS[t].headline) > 1 else "") for t in tasks)
               + "), mean ± standard deviation over seeds (n where fewer than 3). GLUE average: per seed the mean "
-              "over the tasks, then mean ± std over the seeds that have every task. Learning rates were chosen per "
-              "method and task on each task's development split (below).", "",
+              "over the tasks, then mean ± std over the seeds that have every task."
+              + (" Learning rates were chosen per method and task on each task's development split (below)."
+                 if any(load_selection(os.path.join(results_dir, t)) for t in tasks) else ""), "",
               "| method | " + " | ".join(t.upper() for t in tasks) + " | GLUE average | trainable (step avg, mean over tasks) |",
               "|---|" + "---|" * (len(tasks) + 2)]
     for m in methods:
@@ -115,6 +116,9 @@ def markdown(results_dir: str, shown: str, command: str | None) -> str:
             for lr in grid:
                 rs = by_lr.get(lr, [])
                 key = rs[0]["config"]["select"]["metric"] if rs else "score"
+                if any(r.get("status") == "nonfinite_loss" for r in rs):
+                    cells.append("diverged")
+                    continue
                 cell = f"{100 * statistics.fmean(r['final'][key] for r in rs):.2f}" if rs else ""
                 cells.append(f"**{cell}**" if rs and lr in used else cell)
             lines.append(f"| {m} | " + " | ".join(cells) + " |")

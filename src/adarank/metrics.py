@@ -60,9 +60,11 @@ def classification_metrics(labels: Sequence[int], preds: Sequence[int], num_labe
 
 def regression_metrics(labels: Sequence[float], preds: Sequence[float | None]) -> dict:
     """pearson and spearman correlation (SciPy; 0 where the predictions are constant, as a constant
-    predictor earns nothing), mse; undecodable outputs (None) count as UNDECODABLE_SCORE."""
+    predictor earns nothing), mse; undecodable outputs (None, or a non-finite prediction) count as
+    UNDECODABLE_SCORE and are counted in `undecodable`."""
     from scipy.stats import pearsonr, spearmanr
 
+    preds = [None if v is None or not math.isfinite(v) else v for v in preds]  # a diverged regressor's NaN too
     undecodable = sum(p is None for p in preds)
     y = [float(v) for v in labels]
     p = [UNDECODABLE_SCORE if v is None else float(v) for v in preds]
