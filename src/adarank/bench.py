@@ -229,7 +229,7 @@ def run_glue(suite: str, tasks: list[str], output_dir: str, results_dir: str | N
     """`run_bench` for every task in turn (its settings from the suite's `_tasks.yaml`), each task's runs
     and results in `<dir>/<task>/`; then the GLUE report over the tasks. Returns run_bench's summary,
     merged over the tasks (keys prefixed `<task>/`)."""
-    from .glue_report import write_glue_report
+    from .glue_report import task_dirs, write_glue_report
 
     results_dir = results_dir or os.path.join(output_dir, "results")
     overrides = list(kwargs.pop("overrides", None) or [])
@@ -250,8 +250,6 @@ def run_glue(suite: str, tasks: list[str], output_dir: str, results_dir: str | N
         merged["skipped"] += [f"{t}/{k}" for k in out["skipped"]]
         merged["failed"].update({f"{t}/{k}": v for k, v in out["failed"].items()})
         merged["chosen"].update({f"{t}/{k}": v for k, v in out["chosen"].items()})
-    from .glue_report import task_dirs
-
     merged["report"] = write_glue_report(results_dir) if task_dirs(results_dir) else None
     return merged
 
