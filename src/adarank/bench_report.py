@@ -81,21 +81,28 @@ def selection_section(selection: dict[str, dict[float, list[dict]]], runs: dict[
              "|---|" + "---|" * (len(grids) + 1)]
     for method, by_lr in selection.items():
         used = {r["config"]["train"]["lr"] for r in runs.get(method, [])}
-        cells = []
-        for lr in grids:
-            rs = by_lr.get(lr)
-            if not rs:
-                cells.append("")
-                continue
-            if any(r.get("status") == "nonfinite_loss" for r in rs):
-                cells.append("diverged")  # counted as the worst of the grid
-                continue
-            m, _ = mean_std([r["final"].get(metric) for r in rs])
-            cell = f"{100 * m:.2f}" + (f" (n={len(rs)})" if len(rs) > 1 else "")
-            cells.append(f"**{cell}**" if lr in used else cell)
         chosen = ", ".join(f"{lr:g}" for lr in sorted(used)) if used else "(no reported runs yet)"
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {chosen} |")
+        lines.append(f"| {method} | " + " | ".join(selection_cells(by_lr, grids, used)) + f" | {chosen} |")
     return lines
+
+
+def selection_cells(by_lr: dict[float, list[dict]], grid: list[float], used: set[float]) -> list[str]:
+    """One table cell per learning rate of `grid`: the mean `select.metric` of its selection runs in percent
+    (with n when more than one), "diverged" for a rate whose loss became non-finite (the worst of its grid),
+    empty where there is no run; the rate the reported runs used in bold."""
+    cells = []
+    for lr in grid:
+        rs = by_lr.get(lr)
+        if not rs:
+            cells.append("")
+            continue
+        if any(r.get("status") == "nonfinite_loss" for r in rs):
+            cells.append("diverged")
+            continue
+        m, _ = mean_std([r["final"].get(r["config"]["select"]["metric"]) for r in rs])
+        cell = f"{100 * m:.2f}" + (f" (n={len(rs)})" if len(rs) > 1 else "")
+        cells.append(f"**{cell}**" if lr in used else cell)
+    return cells
 
 
 def _order(method: str, res: dict) -> tuple:

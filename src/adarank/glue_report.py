@@ -5,12 +5,11 @@ per-run results files under `DIR/<task>/` alone."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 from collections import defaultdict
 
-from .bench_report import load_results, load_selection, mean_std
+from .bench_report import _diff_se, load_results, load_selection, mean_std, selection_cells
 from .report import atomic_write
 from .tasks import TASKS
 
@@ -55,8 +54,7 @@ def _cell(values: list[float]) -> str:
 def _diff(a: list[float], b: list[float]) -> str:
     if len(a) < 2 or len(b) < 2:
         return "–"
-    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
-    diff, se = 100 * (ma - mb), 100 * math.sqrt(sa ** 2 / len(a) + sb ** 2 / len(b))
+    diff, se = _diff_se({"x": mean_std(a), "n": len(a)}, {"x": mean_std(b), "n": len(b)}, "x")
     verdict = ("higher" if diff > 0 else "lower") if abs(diff) > 2 * se else "≤ 2 SE"
     return f"{diff:+.2f} (SE {se:.2f}; {verdict})"
 
@@ -112,16 +110,7 @@ def markdown(results_dir: str, shown: str, command: str | None) -> str:
                   "|---|" + "---|" * len(grid)]
         for m, by_lr in sel.items():
             used = {r["config"]["train"]["lr"] for r in table.get(m, {}).get(t, {}).values()}
-            cells = []
-            for lr in grid:
-                rs = by_lr.get(lr, [])
-                key = rs[0]["config"]["select"]["metric"] if rs else "score"
-                if any(r.get("status") == "nonfinite_loss" for r in rs):
-                    cells.append("diverged")
-                    continue
-                cell = f"{100 * statistics.fmean(r['final'][key] for r in rs):.2f}" if rs else ""
-                cells.append(f"**{cell}**" if rs and lr in used else cell)
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            lines.append(f"| {m} | " + " | ".join(selection_cells(by_lr, grid, used)) + " |")
         lines.append("")
     lines += ["## Data per task", "", "| task | training examples | evaluation examples | epochs | note |", "|---|---|---|---|---|"]
     for t in tasks:
