@@ -120,6 +120,31 @@ def test_report_alone_regenerates_from_the_files(tmp_path, bert_suite, capsys):
     assert "+1.50" in row and row.endswith("| no |")  # doubling gained 1.5 points: not long enough
 
 
+def test_report_rewrites_only_the_readmes_standings_block(tmp_path, bert_suite, capsys):
+    results = tmp_path / "results"
+    run_bench(bert_suite, str(tmp_path / "out"), str(results), seeds=[0], log=lambda _: None)
+    readme, out_md = tmp_path / "README.md", tmp_path / "docs" / "RESULTS.md"
+    before = "# Tool\n\nintro\n<!-- adarank report: standings begin -->\nstale 99.9\n<!-- adarank report: standings end -->\ntail\n"
+    readme.write_text(before)
+    assert main(["report", str(results), "--out", str(out_md), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# Tool\n\nintro\n<!-- adarank report: standings begin -->\n") and text.endswith(
+        "<!-- adarank report: standings end -->\ntail\n") and "stale 99.9" not in text
+    assert "[docs/RESULTS.md](docs/RESULTS.md)" in text and "lora_r2 (best fixed rank)" in text
+    acc = json.load(open(results / "adarank_expand__seed0.json"))["final"]["accuracy"]
+    assert f"| adarank_expand | 1 | 0.005 | {acc * 100:.2f} ± 0.00 |" in text
+    assert "- adarank_expand: not met" in text  # one seed: never "met"
+    assert f"--readme {readme}" in out_md.read_text()  # the regenerate command keeps the block current
+
+    # without the markers (or with two blocks): one line, exit 2, neither file touched
+    out_md.unlink()
+    for bad in ("# Tool\nno block\n", before + before):
+        readme.write_text(bad)
+        assert main(["report", str(results), "--out", str(out_md), "--readme", str(readme)]) == 2
+        assert "standings begin" in capsys.readouterr().err.strip().splitlines()[-1]
+        assert readme.read_text() == bad and not out_md.exists()
+
+
 def test_bench_reports_failed_runs_and_exits_nonzero(tmp_path, bert_suite, capsys):
     empty = tmp_path / "empty_glue"
     empty.mkdir()

@@ -127,7 +127,8 @@ def _bench(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .bench_report import write_report
 
-    print(f"report written to {write_report(args.results_dir, args.out)}")
+    print(f"report written to {write_report(args.results_dir, args.out, readme=args.readme)}"
+          + (f"; standings block of {args.readme} rewritten" if args.readme else ""))
     return 0
 
 
@@ -178,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="regenerate a bench's Markdown table and plots from its results files")
     r.add_argument("results_dir", help="directory of <method>__seed<k>.json files")
     r.add_argument("--out", help="Markdown file to write (default: RESULTS_DIR/RESULTS.md); plots go beside it")
+    r.add_argument("--readme", help="also rewrite the standings block of this Markdown file (between the lines "
+                                    "<!-- adarank report: standings begin --> and <!-- ... end -->)")
     r.set_defaults(func=_report)
     return parser
 
