@@ -237,6 +237,8 @@ def comparisons(rows: list[dict]) -> list[str]:
         best = max(by_kind["lora"], key=lambda r: r[key][0])
         refs.append((f"the best fixed-rank LoRA by mean {key} ({best['method']})", best))
     refs += [(f"{r['method']}", r) for r in by_kind["adalora"] + by_kind["full"] + by_kind["head"]]
+    if not refs:  # e.g. a study of AdaRank's settings alone
+        return lines
     lines.append(f"| AdaRank run | versus | Δ {key} (points) | Δ F1 macro (points) | step-averaged trainable params, ratio |")
     lines.append("|---|---|---|---|---|")
     for ours in by_kind["adarank"]:
