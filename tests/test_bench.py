@@ -134,6 +134,10 @@ def test_report_rewrites_only_the_readmes_standings_block(tmp_path, bert_suite, 
     acc = json.load(open(results / "adarank_expand__seed0.json"))["final"]["accuracy"]
     assert f"| adarank_expand | 1 | 0.005 | {acc * 100:.2f} ± 0.00 |" in text
     assert "- adarank_expand: not met" in text  # one seed: never "met"
+    lora = json.load(open(results / "lora_r2__seed0.json"))
+    ours = json.load(open(results / "adarank_expand__seed0.json"))
+    dominated = (lora["final"]["accuracy"] > acc and lora["trainable_params_avg"] < ours["trainable_params_avg"])
+    assert ("- adarank_expand: lora_r2 (" if dominated else "- adarank_expand: none") in text  # the frontier line
     assert f"--readme {readme}" in out_md.read_text()  # the regenerate command keeps the block current
 
     # without the markers (or with two blocks): one line, exit 2, neither file touched

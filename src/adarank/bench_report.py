@@ -256,6 +256,15 @@ def comparisons(rows: list[dict]) -> list[str]:
             met = diff > 2 * se and ratio <= 0.5 and ours["n"] > 1 and best["n"] > 1
             lines.append(f"- {ours['method']}: {'met' if met else 'not met'} (Δ {diff:+.2f} points, 2 SE = {2 * se:.2f}; "
                          f"{ratio:.3g}× the parameters)")
+    lines += ["", f"Accuracy per parameter — the methods with a higher mean {key} at fewer step-averaged trainable "
+              "parameters than each AdaRank run (means only; none: the run is on this grid's frontier):", ""]
+    for ours in by_kind["adarank"]:
+        better = [r for r in rows if r is not ours and r[key][0] > ours[key][0]
+                  and r["trainable_params_avg"][0] < ours["trainable_params_avg"][0]]
+        lines.append(f"- {ours['method']}: " + (", ".join(
+            f"{r['method']} ({(r[key][0] - ours[key][0]) * 100:+.2f} points at "
+            f"{r['trainable_params_avg'][0] / ours['trainable_params_avg'][0]:.3g}× the parameters)" for r in better)
+            or "none"))
     return lines
 
 
