@@ -145,9 +145,12 @@ def growth_chances(rs: list[dict]) -> tuple[int, int]:
     return sum(c["action"] == "grow" for c in checks), len(checks)
 
 
-def _fmt_ms(ms: tuple[float, float], digits: int = 2, scale: float = 100.0) -> str:
+def _fmt_ms(ms: tuple[float, float], digits: int = 2, scale: float = 100.0, n: int = 2) -> str:
+    """mean ± std; the mean alone for one seed (n=1), which has no spread to show."""
     m, s = ms
-    return "–" if math.isnan(m) else f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
+    if math.isnan(m):
+        return "–"
+    return f"{m * scale:.{digits}f}" + ("" if n == 1 else f" ± {s * scale:.{digits}f}")
 
 
 def _fmt_num(ms: tuple[float, float], digits: int = 0) -> str:
@@ -300,8 +303,8 @@ def budget_section(results_dir: str) -> list[str]:
         half = by_key.get((method, lr, epochs / 2))
         gain = "–" if half is None else compare(r, half, "accuracy")
         small = "–" if half is None else ("yes" if (r["accuracy"][0] - half["accuracy"][0]) * 100 < 1 else "no")
-        lines.append(f"| {method} | {', '.join(f'{x:g}' for x in lr)} | {epochs:g} | {r['n']} | {_fmt_ms(r['accuracy'])} | "
-                     f"{_fmt_ms(r['f1_macro'])} | {gain} | {small} |")
+        lines.append(f"| {method} | {', '.join(f'{x:g}' for x in lr)} | {epochs:g} | {r['n']} | {_fmt_ms(r['accuracy'], n=r['n'])} | "
+                     f"{_fmt_ms(r['f1_macro'], n=r['n'])} | {gain} | {small} |")
     return lines
 
 
@@ -371,7 +374,7 @@ def markdown(results_dir: str, runs: dict[str, list[dict]], rows: list[dict], pl
     lines += [
         f"Accuracy, F1 macro and score (the task's GLUE headline: MRPC the mean of accuracy and F1 of "
         f"'equivalent') on the {split} split after the last step, in percent, mean ± standard deviation over "
-        "seeds. lr: the learning rate the runs used. Trainable parameters: at the end, and averaged over optimizer "
+        "seeds (one seed: its value). lr: the learning rate the runs used. Trainable parameters: at the end, and averaged over optimizer "
         "steps (AdaRank's rank changes; "
         "AdaLoRA counts every allocated entry, masked or not). Rank: the largest rank over adapted modules at the "
         "end (AdaLoRA: singular values not masked). Grew / chances (AdaRank): growths over the checks where the rule "
@@ -385,9 +388,9 @@ def markdown(results_dir: str, runs: dict[str, list[dict]], rows: list[dict], pl
     for r in rows:
         chances = f"{r['chances'][0]} / {r['chances'][1]}" if r["chances"] else "–"
         lines.append(
-            f"| {r['method']} | {r['n']} | {', '.join(f'{x:g}' for x in r['lr'])} | {_fmt_ms(r['accuracy'])} | "
-            f"{_fmt_ms(r['f1_macro'])} | {_fmt_ms(r['score'])} | "
-            f"{_fmt_ms(r['eval_loss'], 3, 1.0)} | {_fmt_num(r['trainable_params_final'])} | "
+            f"| {r['method']} | {r['n']} | {', '.join(f'{x:g}' for x in r['lr'])} | {_fmt_ms(r['accuracy'], n=r['n'])} | "
+            f"{_fmt_ms(r['f1_macro'], n=r['n'])} | {_fmt_ms(r['score'], n=r['n'])} | "
+            f"{_fmt_ms(r['eval_loss'], 3, 1.0, n=r['n'])} | {_fmt_num(r['trainable_params_final'])} | "
             f"{_fmt_num(r['trainable_params_avg'])} | {_fmt_num(r['growth_events'], 1)} | {chances} | "
             f"{_fmt_num(r['final_rank'], 1) if r['kind'] in ADAPTER_KINDS else '–'} | {_fmt_num(r['wall_time_s'])} | "
             f"{_fmt_num(r['step_time_s'], 3)} |"
@@ -531,8 +534,8 @@ def standings(rows: list[dict], results_dir: str, out: str) -> list[str]:
              f"| method | seeds | lr | {key} | F1 macro | trainable params (step avg) |", "|---|---|---|---|---|---|"]
     for r in shown:
         label = f"{r['method']} (best fixed rank)" if best and r is best[0] else r["method"]
-        lines.append(f"| {label} | {r['n']} | {', '.join(f'{x:g}' for x in r['lr'])} | {_fmt_ms(r[key])} | "
-                     f"{_fmt_ms(r['f1_macro'])} | {_fmt_num(r['trainable_params_avg'])} |")
+        lines.append(f"| {label} | {r['n']} | {', '.join(f'{x:g}' for x in r['lr'])} | {_fmt_ms(r[key], n=r['n'])} | "
+                     f"{_fmt_ms(r['f1_macro'], n=r['n'])} | {_fmt_num(r['trainable_params_avg'])} |")
     verdict = comparisons(rows)
     if best and verdict:
         lines += verdict[verdict.index(""):]
