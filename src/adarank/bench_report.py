@@ -227,41 +227,54 @@ def primary(rows: list[dict]) -> str:
     return "accuracy" if all(not math.isnan(r["accuracy"][0]) for r in rows) else "score"
 
 
+def best_fixed_rank(rows: list[dict], key: str) -> dict | None:
+    """The fixed-rank LoRA row with the highest mean `key`, or None without one."""
+    lora = [r for r in rows if r["kind"] == "lora"]
+    return max(lora, key=lambda r: r[key][0]) if lora else None
+
+
 def comparisons(rows: list[dict]) -> list[str]:
     key = primary(rows)
     by_kind = defaultdict(list)
     for r in rows:
         by_kind[r["kind"]].append(r)
-    lines = []
     if not by_kind["adarank"]:
-        return lines
-    refs = []
-    if by_kind["lora"]:
-        best = max(by_kind["lora"], key=lambda r: r[key][0])
-        refs.append((f"the best fixed-rank LoRA by mean {key} ({best['method']})", best))
+        return []
+    best = best_fixed_rank(rows, key)
+    refs = [(f"the best fixed-rank LoRA by mean {key} ({best['method']})", best)] if best else []
     refs += [(f"{r['method']}", r) for r in by_kind["adalora"] + by_kind["full"] + by_kind["head"]]
     if not refs:  # e.g. a study of AdaRank's settings alone
-        return lines
-    lines.append(f"| AdaRank run | versus | Δ {key} (points) | Δ F1 macro (points) | step-averaged trainable params, ratio |")
-    lines.append("|---|---|---|---|---|")
+        return []
+    lines = [f"| AdaRank run | versus | Δ {key} (points) | Δ F1 macro (points) | step-averaged trainable params, ratio |",
+             "|---|---|---|---|---|"]
     for ours in by_kind["adarank"]:
         for label, ref in refs:
             ratio = ours["trainable_params_avg"][0] / ref["trainable_params_avg"][0]
             lines.append(f"| {ours['method']} | {label} | {compare(ours, ref, key)} | "
                          f"{compare(ours, ref, 'f1_macro')} | {ratio:.3g}× |")
-    if by_kind["lora"]:
-        best = max(by_kind["lora"], key=lambda r: r[key][0])
-        lines += ["", f"The aim — beat the best tuned fixed rank ({best['method']}) in {key} by more than 2 standard "
-                  "errors at no more than half its step-averaged trainable parameters:", ""]
-        for ours in by_kind["adarank"]:
-            diff, se = _diff_se(ours, best, key)
-            ratio = ours["trainable_params_avg"][0] / best["trainable_params_avg"][0]
-            met = diff > 2 * se and ratio <= 0.5 and ours["n"] > 1 and best["n"] > 1
-            lines.append(f"- {ours['method']}: {'met' if met else 'not met'} (Δ {diff:+.2f} points, 2 SE = {2 * se:.2f}; "
-                         f"{ratio:.3g}× the parameters)")
-    lines += ["", f"Accuracy per parameter — the methods with a higher mean {key} at fewer step-averaged trainable "
-              "parameters than each AdaRank run (means only; none: the run is on this grid's frontier):", ""]
-    for ours in by_kind["adarank"]:
+    if best:
+        lines += aim_lines(by_kind["adarank"], best, key)
+    return lines + frontier_lines(rows, by_kind["adarank"], key)
+
+
+def aim_lines(ours_rows: list[dict], best: dict, key: str) -> list[str]:
+    """Whether each AdaRank run meets the aim against the best fixed rank (a blank line first)."""
+    lines = ["", f"The aim — beat the best tuned fixed rank ({best['method']}) in {key} by more than 2 standard "
+             "errors at no more than half its step-averaged trainable parameters:", ""]
+    for ours in ours_rows:
+        diff, se = _diff_se(ours, best, key)
+        ratio = ours["trainable_params_avg"][0] / best["trainable_params_avg"][0]
+        met = diff > 2 * se and ratio <= 0.5 and ours["n"] > 1 and best["n"] > 1
+        lines.append(f"- {ours['method']}: {'met' if met else 'not met'} (Δ {diff:+.2f} points, 2 SE = {2 * se:.2f}; "
+                     f"{ratio:.3g}× the parameters)")
+    return lines
+
+
+def frontier_lines(rows: list[dict], ours_rows: list[dict], key: str) -> list[str]:
+    """Per AdaRank run, the methods with a higher mean `key` at fewer step-averaged parameters (a blank line first)."""
+    lines = ["", f"Accuracy per parameter — the methods with a higher mean {key} at fewer step-averaged trainable "
+             "parameters than each AdaRank run (means only; none: the run is on this grid's frontier):", ""]
+    for ours in ours_rows:
         better = [r for r in rows if r is not ours and r[key][0] > ours[key][0]
                   and r["trainable_params_avg"][0] < ours["trainable_params_avg"][0]]
         lines.append(f"- {ours['method']}: " + (", ".join(
@@ -525,20 +538,18 @@ def standings(rows: list[dict], results_dir: str, out: str) -> list[str]:
     """The short form of a report for a README: AdaRank's runs, the best fixed rank and the other references
     (mean ± std over seeds, step-averaged trainable parameters) and the aim's verdict."""
     key = primary(rows)
-    lora = [r for r in rows if r["kind"] == "lora"]
-    best = [max(lora, key=lambda r: r[key][0])] if lora else []
-    shown = ([r for r in rows if r["kind"] == "adarank"] + best
-             + [r for r in rows if r["kind"] in ("adalora", "full", "head")])
+    best = best_fixed_rank(rows, key)
+    ours = [r for r in rows if r["kind"] == "adarank"]
+    shown = ours + ([best] if best else []) + [r for r in rows if r["kind"] in ("adalora", "full", "head")]
     lines = [f"Generated by `adarank report` from the per-run results files in `{results_dir}`; "
              f"details, differences with standard errors and the settings in [{out}]({out}).", "",
              f"| method | seeds | lr | {key} | F1 macro | trainable params (step avg) |", "|---|---|---|---|---|---|"]
     for r in shown:
-        label = f"{r['method']} (best fixed rank)" if best and r is best[0] else r["method"]
+        label = f"{r['method']} (best fixed rank)" if r is best else r["method"]
         lines.append(f"| {label} | {r['n']} | {', '.join(f'{x:g}' for x in r['lr'])} | {_fmt_ms(r[key], n=r['n'])} | "
                      f"{_fmt_ms(r['f1_macro'], n=r['n'])} | {_fmt_num(r['trainable_params_avg'])} |")
-    verdict = comparisons(rows)
-    if best and verdict:
-        lines += verdict[verdict.index(""):]
+    if best and ours:
+        lines += aim_lines(ours, best, key) + frontier_lines(rows, ours, key)
     return lines
 
 
