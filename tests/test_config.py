@@ -2,6 +2,7 @@ import glob
 import os
 
 import pytest
+import yaml
 
 from adarank import AdaRankCfg, AdaRankConfig, ConfigError, RunConfig, load_config
 
@@ -64,11 +65,33 @@ def test_missing_config_file():
         load_config("/nonexistent/c.yaml")
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)))
+SHIPPED = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if os.path.basename(p) != "_tasks.yaml"])
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert cfg.data.task and cfg.model.name_or_path
     assert cfg.to_dict()["adarank"]["r0"] == cfg.adarank.r0
+
+
+@pytest.mark.parametrize("tasks_file", [p for p in SHIPPED if os.path.basename(p) == "_tasks.yaml"])
+def test_every_shipped_tasks_file_applies_to_its_suite(tasks_file):
+    """A GLUE suite's `_tasks.yaml` holds per-task overrides, not a config: each task's overrides load
+    with every method of its suite and set what the file says."""
+    from adarank.bench import suite_methods, task_overrides
+    from adarank.tasks import TASKS
+
+    suite = os.path.dirname(tasks_file)
+    for task in TASKS:
+        overrides = task_overrides(suite, task)
+        for config in suite_methods(suite).values():
+            cfg = load_config(config, overrides)
+            assert cfg.data.task == task
+            for o in overrides:
+                section, rest = o.split(".", 1)
+                field, value = rest.split("=", 1)
+                assert getattr(getattr(cfg, section), field) == yaml.safe_load(value), (task, config, o)
 
 
 def test_shipped_configs_exist():
