@@ -10,7 +10,7 @@ from conftest import saved, tiny_bert, tiny_t5
 
 from adarank import ConfigError
 from adarank.bench import QUICK_OVERRIDES, plan, run_bench
-from adarank.bench_report import load_results, summarize, write_report
+from adarank.bench_report import compare, load_results, mean_std, summarize, write_report
 from adarank.cli import main
 
 
@@ -276,6 +276,10 @@ def test_glue_bench_runs_each_task_and_reports_the_glue_table(tmp_path, capsys):
     lora_row = next(line for line in text.splitlines() if line.startswith("| lora_r2 |"))
     assert lora_row.split(" | ")[1] == f"{100 * statistics.fmean(mrpc):.2f} ± {100 * statistics.stdev(mrpc):.2f} (n=2)"
     assert "| adarank_expand | lora_r2 |" in text and "**STSB**" in text and "first 40" in text
+    ours = [json.load(open(results / "mrpc" / f"adarank_expand__seed{s}.json"))["final"]["score"] for s in (0, 1)]
+    diff_row = next(line for line in text.splitlines() if line.startswith("| adarank_expand | lora_r2 |"))
+    # worded as the MRPC report words its differences
+    assert diff_row.split(" | ")[2] == compare({"x": mean_std(ours), "n": 2}, {"x": mean_std(mrpc), "n": 2}, "x")
     assert "--tasks mrpc,stsb" in text
 
 

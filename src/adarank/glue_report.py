@@ -9,7 +9,7 @@ import os
 import statistics
 from collections import defaultdict
 
-from .bench_report import _diff_se, load_results, load_selection, mean_std, selection_cells
+from .bench_report import compare, load_results, load_selection, mean_std, selection_cells
 from .report import atomic_write
 from .tasks import TASKS
 
@@ -52,11 +52,10 @@ def _cell(values: list[float]) -> str:
 
 
 def _diff(a: list[float], b: list[float]) -> str:
-    if len(a) < 2 or len(b) < 2:
+    """`a` minus `b` in points, worded as the MRPC report words it (`bench_report.compare`)."""
+    if not a or not b:
         return "–"
-    diff, se = _diff_se({"x": mean_std(a), "n": len(a)}, {"x": mean_std(b), "n": len(b)}, "x")
-    verdict = ("higher" if diff > 0 else "lower") if abs(diff) > 2 * se else "≤ 2 SE"
-    return f"{diff:+.2f} (SE {se:.2f}; {verdict})"
+    return compare({"x": mean_std(a), "n": len(a)}, {"x": mean_std(b), "n": len(b)}, "x")
 
 
 def markdown(results_dir: str, shown: str, command: str | None) -> str:
