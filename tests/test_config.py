@@ -83,15 +83,15 @@ def test_every_shipped_tasks_file_applies_to_its_suite(tasks_file):
     from adarank.tasks import TASKS
 
     suite = os.path.dirname(tasks_file)
+    with open(tasks_file, encoding="utf-8") as fh:
+        per_task = yaml.safe_load(fh) or {}
     for task in TASKS:
-        overrides = task_overrides(suite, task)
         for config in suite_methods(suite).values():
-            cfg = load_config(config, overrides)
+            cfg = load_config(config, task_overrides(suite, task))
             assert cfg.data.task == task
-            for o in overrides:
-                section, rest = o.split(".", 1)
-                field, value = rest.split("=", 1)
-                assert getattr(getattr(cfg, section), field) == yaml.safe_load(value), (task, config, o)
+            for section, fields in (per_task.get(task) or {}).items():
+                for field, value in fields.items():
+                    assert getattr(getattr(cfg, section), field) == value, (task, config, section, field)
 
 
 def test_shipped_configs_exist():
