@@ -294,3 +294,17 @@ def test_task_overrides_read_the_suites_tasks_file(tmp_path):
     (tmp_path / "_tasks.yaml").write_text("sst2: [8000]\n")
     with pytest.raises(ConfigError, match=r"_tasks\.yaml: expected task -> config sections"):
         task_overrides(str(tmp_path), "sst2")
+
+
+def test_regenerate_command_adds_the_extra_seeds_of_some_methods():
+    from adarank.bench_report import regenerate_command
+
+    def run(method, seed):
+        return {"bench": {"suite": "s", "method": method, "seed": seed}}
+
+    runs = {"a": [run("a", s) for s in (0, 1, 2, 3, 4)], "b": [run("b", s) for s in (0, 1, 2)],
+            "c": [run("c", s) for s in (0, 1, 2, 3, 4)], "zero_shot": [run("zero_shot", 0)]}
+    line = regenerate_command(runs, "res", "R.md")
+    assert line == ("adarank bench --suite s --seeds 0 1 2 --results-dir res"
+                    " && adarank bench --suite s --seeds 3 4 --methods a,c --results-dir res"
+                    " && adarank report res --out R.md")

@@ -512,17 +512,27 @@ def _save(fig: Any, path: str) -> None:
 
 def regenerate_command(runs: dict[str, list[dict]], results_dir: str, out: str | None,
                        readme: str | None = None) -> str:
-    """The bench command that reruns what is missing in `results_dir` and rewrites this report."""
+    """The bench command(s) that rerun what is missing in `results_dir` and rewrite this report: one for the
+    seeds every method has, one more per group of methods that has further seeds (`--methods`)."""
     import shlex
 
     infos = [r["bench"] for rs in runs.values() for r in rs]
     suite = infos[0]["suite"]
-    seeds = sorted({i["seed"] for i in infos if i["method"] != "zero_shot"} or {infos[0]["seed"]})
-    quick = any(i.get("quick") for i in infos)
-    cmd = ["adarank", "bench", "--suite", suite, "--seeds", *map(str, seeds), "--results-dir", results_dir]
-    if quick:
-        cmd.append("--quick")
-    line = " ".join(shlex.quote(c) for c in cmd)
+    by_method: dict[str, set[int]] = {}
+    for i in infos:
+        if i["method"] != "zero_shot":
+            by_method.setdefault(i["method"], set()).add(i["seed"])
+    common = set.intersection(*by_method.values()) if by_method else {infos[0]["seed"]}
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for method, seeds in sorted(by_method.items()):
+        if seeds - common:
+            groups.setdefault(tuple(sorted(seeds - common)), []).append(method)
+    quick = ["--quick"] if any(i.get("quick") for i in infos) else []
+    base = ["adarank", "bench", "--suite", suite]
+    cmds = [base + ["--seeds", *map(str, sorted(common)), "--results-dir", results_dir] + quick]
+    cmds += [base + ["--seeds", *map(str, extra), "--methods", ",".join(methods), "--results-dir", results_dir] + quick
+             for extra, methods in sorted(groups.items())]
+    line = " && ".join(" ".join(shlex.quote(c) for c in cmd) for cmd in cmds)
     if out is not None:
         line += " && adarank report " + shlex.quote(results_dir) + " --out " + shlex.quote(out)
         if readme is not None:
