@@ -308,3 +308,10 @@ def test_regenerate_command_adds_the_extra_seeds_of_some_methods():
     assert line == ("adarank bench --suite s --seeds 0 1 2 --results-dir res"
                     " && adarank bench --suite s --seeds 3 4 --methods a,c --results-dir res"
                     " && adarank report res --out R.md")
+
+
+def test_a_difference_that_rounds_to_zero_reads_plus_zero():
+    a, b = {"x": (0.79411, 0.004), "n": 3}, {"x": (0.79413, 0.013), "n": 4}
+    assert compare(a, b, "x").startswith("+0.00 (SE 0.69; within seed noise")
+    assert compare(b, a, "x").startswith("+0.00 (SE")
+    assert compare({"x": (0.8, 0.01), "n": 3}, b, "x").startswith("+0.59 (SE")

@@ -218,7 +218,7 @@ def compare(a: dict, b: dict, key: str) -> str:
         verdict = "higher" if diff > 0 else "lower"
     else:
         verdict = "within seed noise: ≤ 2 SE"
-    return f"{diff:+.2f} (SE {se:.2f}; {verdict})"
+    return f"{_signed(diff)} (SE {se:.2f}; {verdict})"
 
 
 def primary(rows: list[dict]) -> str:
@@ -265,7 +265,7 @@ def aim_lines(ours_rows: list[dict], best: dict, key: str) -> list[str]:
         diff, se = _diff_se(ours, best, key)
         ratio = ours["trainable_params_avg"][0] / best["trainable_params_avg"][0]
         met = diff > 2 * se and ratio <= 0.5 and ours["n"] > 1 and best["n"] > 1
-        lines.append(f"- {ours['method']}: {'met' if met else 'not met'} (Δ {diff:+.2f} points, 2 SE = {2 * se:.2f}; "
+        lines.append(f"- {ours['method']}: {'met' if met else 'not met'} (Δ {_signed(diff)} points, 2 SE = {2 * se:.2f}; "
                      f"{ratio:.3g}× the parameters)")
     return lines
 
@@ -278,10 +278,15 @@ def frontier_lines(rows: list[dict], ours_rows: list[dict], key: str) -> list[st
         better = [r for r in rows if r is not ours and r[key][0] > ours[key][0]
                   and r["trainable_params_avg"][0] < ours["trainable_params_avg"][0]]
         lines.append(f"- {ours['method']}: " + (", ".join(
-            f"{r['method']} ({(r[key][0] - ours[key][0]) * 100:+.2f} points at "
+            f"{r['method']} ({_signed((r[key][0] - ours[key][0]) * 100)} points at "
             f"{r['trainable_params_avg'][0] / ours['trainable_params_avg'][0]:.3g}× the parameters)" for r in better)
             or "none"))
     return lines
+
+
+def _signed(points: float) -> str:
+    """`points` with its sign to 2 decimals; a difference that rounds to zero reads +0.00, never -0.00."""
+    return f"{round(points, 2) + 0.0:+.2f}"
 
 
 def _diff_se(a: dict, b: dict, key: str) -> tuple[float, float]:
