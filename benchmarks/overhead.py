@@ -76,7 +76,7 @@ def worker_loop(kind: str, args: argparse.Namespace) -> dict:
     return out
 
 
-def _LoopClock():
+def _loop_clock():
     """A Trainer callback timing the training loop alone, from `on_train_begin` (the optimizer, scheduler and
     dataloader already built) to `on_train_end` -- what our loop's step time counts, without the setup
     `trainer.train()` does before its loop."""
@@ -123,7 +123,7 @@ def worker_trainer(args: argparse.Namespace, grouped: bool = False) -> dict:
             train_sampling_strategy="group_by_length" if grouped else "random",
             use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
         )
-        clock = _LoopClock()
+        clock = _loop_clock()
         trainer = Trainer(model=model, args=targs, train_dataset=dataset,
                           data_collator=DataCollatorWithPadding(tokenizer), callbacks=[clock])
         trainer.train()

@@ -230,7 +230,11 @@ def primary(rows: list[dict]) -> str:
 def best_fixed_rank(rows: list[dict], key: str) -> dict | None:
     """The fixed-rank LoRA row with the highest mean `key`, or None without one."""
     lora = [r for r in rows if r["kind"] == "lora"]
-    return max(lora, key=lambda r: r[key][0]) if lora else None
+    best = None
+    for r in lora:  # the first of equal means (up to float summation order) stays
+        if best is None or _higher(r[key][0], best[key][0]):
+            best = r
+    return best
 
 
 def comparisons(rows: list[dict]) -> list[str]:
@@ -275,13 +279,18 @@ def frontier_lines(rows: list[dict], ours_rows: list[dict], key: str) -> list[st
     lines = ["", f"Accuracy per parameter — the methods with a higher mean {key} at fewer step-averaged trainable "
              "parameters than each AdaRank run (means only; none: the run is on this grid's frontier):", ""]
     for ours in ours_rows:
-        better = [r for r in rows if r is not ours and r[key][0] > ours[key][0]
+        better = [r for r in rows if r is not ours and _higher(r[key][0], ours[key][0])
                   and r["trainable_params_avg"][0] < ours["trainable_params_avg"][0]]
         lines.append(f"- {ours['method']}: " + (", ".join(
             f"{r['method']} ({_signed((r[key][0] - ours[key][0]) * 100)} points at "
             f"{r['trainable_params_avg'][0] / ours['trainable_params_avg'][0]:.3g}× the parameters)" for r in better)
             or "none"))
     return lines
+
+
+def _higher(a: float, b: float) -> bool:
+    """a > b beyond float noise: two means of the same correct counts summed in another order are equal."""
+    return a > b + 1e-9
 
 
 def _signed(points: float) -> str:
@@ -517,8 +526,9 @@ def _save(fig: Any, path: str) -> None:
 
 def regenerate_command(runs: dict[str, list[dict]], results_dir: str, out: str | None,
                        readme: str | None = None) -> str:
-    """The bench command(s) that rerun what is missing in `results_dir` and rewrite this report: one for the
-    seeds every method has, one more per group of methods that has further seeds (`--methods`)."""
+    """The bench command(s) that make the runs `results_dir` holds (skipping those with a results file) and
+    rewrite this report: one for the seeds every method has, one more per group of methods that has further
+    seeds (`--methods`)."""
     import shlex
 
     infos = [r["bench"] for rs in runs.values() for r in rs]
@@ -534,7 +544,7 @@ def regenerate_command(runs: dict[str, list[dict]], results_dir: str, out: str |
             groups.setdefault(tuple(sorted(seeds - common)), []).append(method)
     quick = ["--quick"] if any(i.get("quick") for i in infos) else []
     base = ["adarank", "bench", "--suite", suite]
-    cmds = [base + ["--seeds", *map(str, sorted(common)), "--results-dir", results_dir] + quick]
+    cmds = [base + ["--seeds", *map(str, sorted(common)), "--results-dir", results_dir] + quick] if common else []
     cmds += [base + ["--seeds", *map(str, extra), "--methods", ",".join(methods), "--results-dir", results_dir] + quick
              for extra, methods in sorted(groups.items())]
     line = " && ".join(" ".join(shlex.quote(c) for c in cmd) for cmd in cmds)
