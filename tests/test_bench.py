@@ -10,7 +10,8 @@ from conftest import saved, tiny_bert, tiny_t5
 
 from adarank import ConfigError
 from adarank.bench import QUICK_OVERRIDES, plan, run_bench
-from adarank.bench_report import compare, load_results, mean_std, summarize, write_report
+from adarank.bench_report import (best_fixed_rank, compare, frontier_lines, load_results, mean_std, regenerate_command,
+                                   summarize, write_report)
 from adarank.cli import main
 
 
@@ -297,8 +298,6 @@ def test_task_overrides_read_the_suites_tasks_file(tmp_path):
 
 
 def test_regenerate_command_adds_the_extra_seeds_of_some_methods():
-    from adarank.bench_report import regenerate_command
-
     def run(method, seed):
         return {"bench": {"suite": "s", "method": method, "seed": seed}}
 
@@ -322,8 +321,6 @@ def test_a_difference_that_rounds_to_zero_reads_plus_zero():
 
 
 def test_equal_means_summed_in_another_order_are_a_tie_not_a_better_method():
-    from adarank.bench_report import best_fixed_rank, frontier_lines
-
     # 1588 of 2040 right either way (5 seeds of MRPC's 408 validation examples), in other splits over seeds
     a = [c / 408 for c in (318, 313, 326, 316, 315)]
     b = [c / 408 for c in (311, 321, 319, 317, 320)]
