@@ -9,10 +9,11 @@ import pytest
 from conftest import saved, tiny_bert, tiny_t5
 
 from adarank import ConfigError
-from adarank.bench import QUICK_OVERRIDES, plan, run_bench
+from adarank.bench import QUICK_OVERRIDES, Job, choose_lr, extension_jobs, plan, rate_beyond, run_bench
 from adarank.bench_report import (best_fixed_rank, compare, frontier_lines, load_results, mean_std, regenerate_command,
                                    summarize, write_report)
 from adarank.cli import main
+from adarank.config import load_config
 
 
 
@@ -231,8 +232,6 @@ def test_bench_chooses_each_learning_rate_on_the_dev_split(tmp_path, glue_dir, b
     assert os.path.exists(results / "adarank_expand__seed0.json.stale")  # the old one set aside, not deleted
 
     # a rate whose loss became non-finite counts as the worst of the grid
-    from adarank.bench import choose_lr
-
     other = 0.05 if best == 0.0001 else 0.0001
     for seed in (0, 1):
         path = results / "select" / f"lora_r2__lr{best:g}__seed{seed}.json"
@@ -240,6 +239,76 @@ def test_bench_chooses_each_learning_rate_on_the_dev_split(tmp_path, glue_dir, b
         res["status"] = "nonfinite_loss"
         path.write_text(json.dumps(res))
     assert choose_lr(str(results), os.path.join(suite, "lora_r2.yaml"), [])[0] == other
+
+
+def test_rate_beyond_a_grid_edge_steps_on_the_one_three_ladder():
+    assert rate_beyond(3e-3, 1e-3) == 1e-2 and rate_beyond(1e-2, 3e-3) == 3e-2
+    assert rate_beyond(3e-4, 1e-3) == 1e-4 and rate_beyond(1e-4, 3e-4) == 3e-5
+    assert rate_beyond(3e-5, 1e-4) == 1e-5  # full fine-tuning's grid
+    assert rate_beyond(0.5, 0.4) == 0.625  # no ladder value near: the grid's own step (x 1.25)
+
+
+def test_a_best_rate_at_the_grids_edge_extends_the_grid_one_rate_at_a_time(tmp_path, bert_tok):
+    """select.extend: while the best rate is the grid's smallest or largest, the next rate beyond that edge is
+    asked for (no rate is chosen until it has results), at most `extend` times; with extend 0 the edge stands."""
+    base = saved(tiny_bert(vocab_size=len(bert_tok)), bert_tok, tmp_path / "bert")
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    for name, extend in (("lora", ", extend: 2"), ("flat", "")):
+        (suite / f"{name}.yaml").write_text(f"model: {{name_or_path: '{base}'}}\nmethod: {{name: lora}}\n"
+                                            f"select: {{lr: [0.001, 0.003], seeds: [0, 1]{extend}}}\n")
+    results = tmp_path / "results"
+    (results / "select").mkdir(parents=True)
+
+    def write(method, lr, score):
+        for seed in (0, 1):
+            job = Job(method, seed, str(suite / f"{method}.yaml"), ["data.eval_split=dev", f"train.lr={lr!r}"], lr)
+            cfg = load_config(job.config, job.overrides + [f"train.seed={seed}"]).to_dict()
+            (results / f"{job.key}.json").write_text(json.dumps({"config": cfg, "final": {"score": score + seed / 100,
+                                                                                          "eval_loss": 0.5}}))
+
+    reported = plan(str(suite), [0], None, False, [])
+    asked = lambda: sorted({(j.method, j.lr) for j in extension_jobs(reported, str(results))})  # noqa: E731
+    for method in ("lora", "flat"):
+        write(method, 0.001, 0.5)
+        write(method, 0.003, 0.7)
+    assert choose_lr(str(results), str(suite / "flat.yaml"), [])[0] == 0.003  # extend 0: the edge is chosen
+    assert asked() == [("lora", 0.01)] and choose_lr(str(results), str(suite / "lora.yaml"), [])[0] is None
+    assert len(extension_jobs(reported, str(results))) == 2  # one per selection seed
+    write("lora", 0.01, 0.8)  # the new edge is best again: one more step
+    assert asked() == [("lora", 0.01), ("lora", 0.03)] and choose_lr(str(results), str(suite / "lora.yaml"), [])[0] is None
+    write("lora", 0.03, 0.9)  # best at the edge again, but extend (2) is spent
+    best, table = choose_lr(str(results), str(suite / "lora.yaml"), [])
+    assert best == 0.03 and sorted(table) == [0.001, 0.003, 0.01, 0.03]
+    assert table[0.03]["score"] == pytest.approx(0.905) and table[0.03]["runs"] == 2
+    write("lora", 0.03, 0.6)  # the grid's inner rate wins: no further step
+    assert choose_lr(str(results), str(suite / "lora.yaml"), [])[0] == 0.01
+    write("lora", 0.001, 0.95)  # now the lower edge wins: the next rate below is asked for
+    assert ("lora", 0.0003) in asked() and choose_lr(str(results), str(suite / "lora.yaml"), [])[0] is None
+    with pytest.raises(ConfigError, match="select.extend must be an integer >= 0"):
+        load_config(str(suite / "lora.yaml"), ["select.extend=-1"])
+
+
+def test_bench_runs_the_rate_beyond_the_edge_and_uses_the_choice(tmp_path, glue_dir, bert_tok):
+    """End to end: with two rates the best is always at an edge, so select.extend 1 runs a third, and the
+    reported run trains at the rate chosen among the three."""
+    base = saved(tiny_bert(vocab_size=len(bert_tok)), bert_tok, tmp_path / "bert")
+    suite = make_suite(tmp_path, base, {"lora_r2": "method: {name: lora}\nselect: {lr: [0.001, 0.01], extend: 1}\n"},
+                       glue_dir)
+    results = tmp_path / "results"
+    summary = run_bench(suite, str(tmp_path / "out"), str(results), seeds=[0], log=lambda _: None)
+    assert summary["failed"] == {}
+    sel = {json.load(open(results / "select" / f))["bench"]["selection_lr"]: json.load(open(results / "select" / f))
+           for f in os.listdir(results / "select")}
+    assert len(sel) == 3 and {0.001, 0.01} < set(sel)
+    added = (set(sel) - {0.001, 0.01}).pop()
+    first = max((0.001, 0.01), key=lambda lr: (sel[lr]["final"]["score"], -sel[lr]["final"]["eval_loss"]))
+    assert added == (0.0001 if first == 0.001 else 0.1)
+    best = max(sel, key=lambda lr: (sel[lr]["final"]["score"], -sel[lr]["final"]["eval_loss"]))
+    assert summary["chosen"] == {"lora_r2": best}
+    assert json.load(open(results / "lora_r2__seed0.json"))["config"]["train"]["lr"] == best
+    again = run_bench(suite, str(tmp_path / "out"), str(results), seeds=[0], log=lambda _: None)
+    assert again["ran"] == []  # resumes: nothing to run, the extension included
 
 
 def test_glue_bench_runs_each_task_and_reports_the_glue_table(tmp_path, capsys):

@@ -8,7 +8,8 @@ A text-to-text suite also gets a `zero_shot` run: the pretrained model evaluated
 
 A method whose config has a learning-rate grid (`select.lr`) first gets one selection run per value and
 selection seed, trained without the development split and scored on it (`data.eval_split: dev`); its
-reported runs then use the value with the best mean score. Selection results go to `select/` under the
+reported runs then use the value with the best mean score; with `select.extend`, a best value at the grid's
+edge first gets the next rate beyond it (`selection_state`). Selection results go to `select/` under the
 results directory.
 
 Runs whose results JSON already exists in the results directory, made with the same config, are skipped
@@ -122,8 +123,7 @@ def selection_jobs(jobs: list[Job]) -> list[Job]:
         if sel.lr is None or len(sel.lr) < 2:
             continue
         check_metric(cfg, job.config)
-        out += [Job(job.method, seed, job.config, job.overrides + ["data.eval_split=dev", f"train.lr={lr!r}"], lr)
-                for seed in sel.seeds for lr in sel.lr]
+        out += [selection_job(job.method, job.config, job.overrides, seed, lr) for seed in sel.seeds for lr in sel.lr]
     methods = list(dict.fromkeys(j.method for j in out))
     return sorted(out, key=lambda j: (j.seed, methods.index(j.method)))  # stable: each grid in its order
 
@@ -143,32 +143,78 @@ def _worst_if_missing(value: float | None, worst: float) -> float:
     return worst if value is None or not math.isfinite(value) else value
 
 
-def choose_lr(results_dir: str, config: str, overrides: list[str]) -> tuple[float | None, dict[float, dict]]:
-    """(chosen learning rate, {lr: {"score", "eval_loss", "runs"}}) for one method from its selection runs'
-    results files; the chosen one is None while any selection run has no up-to-date results file, or when
-    the method has no grid. Best mean `select.metric` over the selection seeds (a missing or non-finite
-    score counts as the worst); ties: the lower mean loss on the dev split."""
+def selection_job(method: str, config: str, overrides: list[str], seed: int, lr: float) -> Job:
+    """The selection run of `method` at one learning rate and seed: trained and scored on the dev split."""
+    return Job(method, seed, config, overrides + ["data.eval_split=dev", f"train.lr={lr!r}"], lr)
+
+
+def rate_beyond(edge: float, neighbour: float) -> float:
+    """The learning rate one step beyond a grid's `edge`, away from its `neighbour` in the grid: the edge
+    times the ratio edge / neighbour, snapped to the 1-3 ladder (1e-4, 3e-4, 1e-3, ...) where a value of it
+    lies beyond the edge within a factor of 1.5 (3e-4, 1e-3, 3e-3: 1e-4 below, 1e-2 above)."""
+    target = edge * edge / neighbour
+    k = math.floor(math.log10(target))
+    ladder = [float(f"{m}e{e}") for e in (k - 1, k, k + 1) for m in (1, 3)]
+    near = min(ladder, key=lambda v: abs(math.log(v / target)))
+    beyond = near > edge if target > edge else near < edge
+    return near if beyond and abs(math.log(near / target)) < math.log(1.5) else float(f"{target:.3g}")
+
+
+def selection_state(results_dir: str, config: str, overrides: list[str]) -> tuple[float | None, dict[float, dict], list[float]]:
+    """(chosen learning rate, {lr: {"score", "eval_loss", "runs"}}, the grid so far) for one method from its
+    selection runs' results files. The grid is `select.lr` and, while the best rate is the grid's smallest or
+    largest and fewer than `select.extend` rates were added, the next rate beyond that edge (`rate_beyond`).
+    The chosen rate is None while any rate of the grid so far has no up-to-date results file for every
+    selection seed, or when the method has no grid. Best mean `select.metric` over the selection seeds (a
+    missing or non-finite score counts as the worst); ties: the lower mean loss on the dev split."""
     sel = load_config(config, overrides).select
     if sel.lr is None or len(sel.lr) < 2:
-        return None, {}
+        return None, {}, []
     method = os.path.splitext(os.path.basename(config))[0]
-    table: dict[float, dict] = {}
-    for lr in sel.lr:
-        finals = []
-        for seed in sel.seeds:
-            job = Job(method, seed, config, overrides + ["data.eval_split=dev", f"train.lr={lr!r}"], lr)
-            path = os.path.join(results_dir, job.key + ".json")
-            if _results_state(path, job) != "done":
-                return None, table
-            with open(path, encoding="utf-8") as fh:
-                res = json.load(fh)
-            # a run stopped by a non-finite loss (this rate diverged) counts as the worst
-            finals.append({} if res.get("status") == "nonfinite_loss" else res["final"] or {})
-        table[lr] = {"score": sum(_worst_if_missing(f.get(sel.metric), -math.inf) for f in finals) / len(finals),
-                     "eval_loss": sum(_worst_if_missing(f.get("eval_loss"), math.inf) for f in finals) / len(finals),
-                     "runs": len(finals)}
-    best = max(table, key=lambda lr: (table[lr]["score"], -table[lr]["eval_loss"]))
+    grid, table = list(sel.lr), {}
+    while True:
+        for lr in grid:
+            if lr in table:
+                continue
+            finals = []
+            for seed in sel.seeds:
+                job = selection_job(method, config, overrides, seed, lr)
+                path = os.path.join(results_dir, job.key + ".json")
+                if _results_state(path, job) != "done":
+                    return None, table, grid
+                with open(path, encoding="utf-8") as fh:
+                    res = json.load(fh)
+                # a run stopped by a non-finite loss (this rate diverged) counts as the worst
+                finals.append({} if res.get("status") == "nonfinite_loss" else res["final"] or {})
+            table[lr] = {"score": sum(_worst_if_missing(f.get(sel.metric), -math.inf) for f in finals) / len(finals),
+                         "eval_loss": sum(_worst_if_missing(f.get("eval_loss"), math.inf) for f in finals) / len(finals),
+                         "runs": len(finals)}
+        best = max(table, key=lambda lr: (table[lr]["score"], -table[lr]["eval_loss"]))
+        ordered = sorted(grid)
+        if len(grid) - len(sel.lr) >= sel.extend or best not in (ordered[0], ordered[-1]):
+            return best, table, grid
+        grid.append(rate_beyond(ordered[0], ordered[1]) if best == ordered[0] else rate_beyond(ordered[-1], ordered[-2]))
+
+
+def choose_lr(results_dir: str, config: str, overrides: list[str]) -> tuple[float | None, dict[float, dict]]:
+    """(chosen learning rate, {lr: {"score", "eval_loss", "runs"}}) for one method: `selection_state`'s."""
+    best, table, _ = selection_state(results_dir, config, overrides)
     return best, table
+
+
+def extension_jobs(jobs: list[Job], results_dir: str) -> list[Job]:
+    """The selection runs of rates added beyond a grid's edge (`select.extend`) that the results so far call
+    for, for the methods among `jobs`; seed-major, as `selection_jobs`."""
+    out, seen = [], set()
+    for job in jobs:
+        if job.method in seen or job.lr is not None or job.method == "zero_shot":
+            continue
+        seen.add(job.method)
+        _, _, grid = selection_state(results_dir, job.config, job.overrides)
+        configured = load_config(job.config, job.overrides).select
+        out += [selection_job(job.method, job.config, job.overrides, seed, lr)
+                for seed in configured.seeds for lr in grid if lr not in (configured.lr or [])]
+    return sorted(out, key=lambda j: j.seed)
 
 
 def _command(job: Job, run_dir: str, data_dir: str | None, force: bool = False) -> list[str]:
@@ -287,6 +333,11 @@ def run_bench(
             + ("; --select-only: nothing to run" if select_only else ""))
     else:
         pool.run(selection_jobs(reported))
+        tried: set[str] = set()
+        # a best rate at the grid's edge calls for the next rate beyond it (select.extend), one at a time
+        while todo := [j for j in extension_jobs(reported, results_dir) if j.key not in tried]:
+            tried.update(j.key for j in todo)
+            pool.run(todo)
     chosen, finals = {}, []
     for job in reported:
         lr, _ = (None, {}) if quick or job.method == "zero_shot" else choose_lr(results_dir, job.config, job.overrides)
@@ -435,5 +486,5 @@ def collect(run_dir: str, results_dir: str, job: Job, suite: str, quick: bool, c
     return path
 
 
-__all__ = ["Job", "QUICK_OVERRIDES", "choose_lr", "plan", "run_bench", "run_glue", "selection_jobs", "suite_methods",
+__all__ = ["Job", "QUICK_OVERRIDES", "choose_lr", "extension_jobs", "rate_beyond", "plan", "run_bench", "run_glue", "selection_jobs", "suite_methods",
            "task_overrides"]

@@ -322,11 +322,13 @@ class SelectConfig:
     value of `lr` and per seed of `seeds`, each trained on the training split without its development split
     and scored on the development split (data.eval_split "dev"); the value with the best mean `metric`
     ("score": the task's GLUE headline; ties: the lower mean loss on the development split) is then used for every reported run. `lr` null or one value:
-    no selection, train.lr is used."""
+    no selection, train.lr is used. `extend`: how many rates may be added beyond the grid when the best one
+    is its smallest or largest (one at a time, the grid's step at that edge; `adarank bench` runs each)."""
 
     lr: list[float] | None = None
     seeds: list[int] = field(default_factory=lambda: [0])
     metric: str = "score"
+    extend: int = 0
 
     def __post_init__(self) -> None:
         if self.lr is not None:
@@ -348,6 +350,8 @@ class SelectConfig:
             raise ConfigError(f"select.seeds must be a non-empty list of integers, got {self.seeds!r}")
         if self.metric not in SELECT_METRICS:
             raise ConfigError(f"select.metric must be one of {list(SELECT_METRICS)}, got {self.metric!r}")
+        if not isinstance(self.extend, int) or isinstance(self.extend, bool) or self.extend < 0:
+            raise ConfigError(f"select.extend must be an integer >= 0, got {self.extend!r}")
 
 
 SELECT_METRICS = ("score", "accuracy", "f1_macro", "mcc", "pearson", "spearman")
@@ -394,7 +398,7 @@ class RunConfig:
 # spelled differently as long as it resolves to what the run used, which resume checks.)
 RESUME_MAY_CHANGE = ("train.checkpoint_every", "train.keep_checkpoints", "train.max_nonfinite_steps",
                      "train.save_model", "train.output_dir", "train.mixed_precision", "select.lr", "select.seeds",
-                     "select.metric")
+                     "select.metric", "select.extend")
 
 
 def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
