@@ -345,7 +345,7 @@ def test_glue_bench_runs_each_task_and_reports_the_glue_table(tmp_path, capsys):
     mrpc = [json.load(open(results / "mrpc" / f"lora_r2__seed{s}.json"))["final"]["score"] for s in (0, 1)]
     lora_row = next(line for line in text.splitlines() if line.startswith("| lora_r2 |"))
     assert lora_row.split(" | ")[1] == f"{100 * statistics.fmean(mrpc):.2f} ± {100 * statistics.stdev(mrpc):.2f} (n=2)"
-    assert "| adarank_expand | lora_r2 |" in text and "**STSB**" in text and "first 40" in text
+    assert "| adarank_expand | lora_r2 |" in text and "**STS-B**" in text and "| method | MRPC | STS-B | GLUE average |" in text and "first 40" in text
     ours = [json.load(open(results / "mrpc" / f"adarank_expand__seed{s}.json"))["final"]["score"] for s in (0, 1)]
     diff_row = next(line for line in text.splitlines() if line.startswith("| adarank_expand | lora_r2 |"))
     # worded as the MRPC report words its differences
