@@ -307,6 +307,12 @@ def test_bench_runs_the_rate_beyond_the_edge_and_uses_the_choice(tmp_path, glue_
     best = max(sel, key=lambda lr: (sel[lr]["final"]["score"], -sel[lr]["final"]["eval_loss"]))
     assert summary["chosen"] == {"lora_r2": best}
     assert json.load(open(results / "lora_r2__seed0.json"))["config"]["train"]["lr"] == best
+    text = open(summary["report"]).read()  # the selection table marks the added rate and says why
+    header = next(line for line in text.splitlines() if line.startswith("| method | lr "))
+    row = next(line for line in text.splitlines() if line.startswith("| lora_r2 | ") and line.count(" | ") == 4)
+    cells = dict(zip(header.split(" | ")[1:4], row.split(" | ")[1:4]))
+    assert [k for k, v in cells.items() if v.endswith("†") or v.endswith("†**")] == [f"lr {added:g}"]
+    assert "added beyond the configured grid" in text
     again = run_bench(suite, str(tmp_path / "out"), str(results), seeds=[0], log=lambda _: None)
     assert again["ran"] == []  # resumes: nothing to run, the extension included
 

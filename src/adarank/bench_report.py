@@ -76,7 +76,8 @@ def selection_section(selection: dict[str, dict[float, list[dict]]], runs: dict[
              f"{_first(next(iter(selection.values())))['config']['data']['dev_fraction']:.0%} of the training split "
              "held out (`data.eval_split: dev`), training on the rest; ties go to the lower loss on the development split. "
              "The reported runs above then trained on the whole training split with the chosen rate (in bold). "
-             "Seeds per cell: the selection seeds of the method's config.", "",
+             "Seeds per cell: the selection seeds of the method's config."
+             + (" " + ADDED_NOTE if any_added(selection) else ""), "",
              "| method | " + " | ".join(f"lr {lr:g}" for lr in grids) + " | chosen |",
              "|---|" + "---|" * (len(grids) + 1)]
     for method, by_lr in selection.items():
@@ -100,9 +101,22 @@ def selection_cells(by_lr: dict[float, list[dict]], grid: list[float], used: set
             cells.append("diverged")
             continue
         m, _ = mean_std([r["final"].get(r["config"]["select"]["metric"]) for r in rs])
-        cell = f"{100 * m:.2f}" + (f" (n={len(rs)})" if len(rs) > 1 else "")
+        cell = f"{100 * m:.2f}" + (f" (n={len(rs)})" if len(rs) > 1 else "") + (" †" if added_rate(rs[0]) else "")
         cells.append(f"**{cell}**" if lr in used else cell)
     return cells
+
+
+ADDED_NOTE = ("† a rate added beyond the configured grid because the best rate lay at its edge "
+              "(`select.extend`).")
+
+
+def added_rate(res: dict) -> bool:
+    """Whether a selection run's rate lies outside its config's grid (added by `select.extend`)."""
+    return float(res["bench"]["selection_lr"]) not in (res["config"]["select"]["lr"] or [])
+
+
+def any_added(selection: dict[str, dict[float, list[dict]]]) -> bool:
+    return any(added_rate(rs[0]) for by_lr in selection.values() for rs in by_lr.values())
 
 
 def _order(method: str, res: dict) -> tuple:
