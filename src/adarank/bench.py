@@ -110,14 +110,20 @@ def plan(suite: str, seeds: list[int], methods: list[str] | None, quick: bool, o
     return jobs
 
 
+def _one_per_method(jobs: list[Job]) -> list[Job]:
+    """The first reported job of each trained method among `jobs` (zero_shot has no learning rate)."""
+    first: dict[str, Job] = {}
+    for job in jobs:
+        if job.lr is None and job.method != "zero_shot":
+            first.setdefault(job.method, job)
+    return list(first.values())
+
+
 def selection_jobs(jobs: list[Job]) -> list[Job]:
     """The learning-rate selection runs of the methods among `jobs` whose config has a `select.lr` grid of
     two or more values: one per value and selection seed, on the dev split. Seed-major, as `plan`."""
-    out, seen = [], set()
-    for job in jobs:
-        if job.method in seen or job.lr is not None or job.method == "zero_shot":
-            continue
-        seen.add(job.method)
+    out = []
+    for job in _one_per_method(jobs):
         cfg = load_config(job.config, job.overrides)
         sel = cfg.select
         if sel.lr is None or len(sel.lr) < 2:
@@ -205,11 +211,8 @@ def choose_lr(results_dir: str, config: str, overrides: list[str]) -> tuple[floa
 def extension_jobs(jobs: list[Job], results_dir: str) -> list[Job]:
     """The selection runs of rates added beyond a grid's edge (`select.extend`) that the results so far call
     for, for the methods among `jobs`; seed-major, as `selection_jobs`."""
-    out, seen = [], set()
-    for job in jobs:
-        if job.method in seen or job.lr is not None or job.method == "zero_shot":
-            continue
-        seen.add(job.method)
+    out = []
+    for job in _one_per_method(jobs):
         _, _, grid = selection_state(results_dir, job.config, job.overrides)
         configured = load_config(job.config, job.overrides).select
         out += [selection_job(job.method, job.config, job.overrides, seed, lr)
