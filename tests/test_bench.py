@@ -357,6 +357,11 @@ def test_glue_bench_runs_each_task_and_reports_the_glue_table(tmp_path, capsys):
     # worded as the MRPC report words its differences
     assert diff_row.split(" | ")[2] == compare({"x": mean_std(ours), "n": 2}, {"x": mean_std(mrpc), "n": 2}, "x")
     assert "--tasks mrpc,stsb" in text
+    # run time per task: every run of the task, the selection runs included, summed from the files
+    files = [results / "stsb" / f for f in os.listdir(results / "stsb") if f.endswith(".json")]
+    files += [results / "stsb" / "select" / f for f in os.listdir(results / "stsb" / "select")]
+    stsb_row = next(line for line in text.splitlines() if line.startswith("| STS-B | first 40 |")).split(" | ")
+    assert stsb_row[4:6] == [str(len(files)), f"{sum(json.load(open(f))['wall_time_s'] for f in files) / 60:.1f}"]
 
 
 def test_task_overrides_read_the_suites_tasks_file(tmp_path):

@@ -121,13 +121,28 @@ def markdown(results_dir: str, shown: str, command: str | None) -> str:
             used = {r["config"]["train"]["lr"] for r in table.get(m, {}).get(t, {}).values()}
             lines.append(f"| {m} | " + " | ".join(selection_cells(by_lr, grid, used)) + " |")
         lines.append("")
-    lines += ["## Data per task", "", "| task | training examples | evaluation examples | epochs | note |", "|---|---|---|---|---|"]
+    lines += ["## Data and run time per task", "",
+              "Run time: the runs' wall-clock times summed, selection runs included; each was measured while the "
+              "bench ran `--jobs` runs side by side, so the sum divided by that number approximates the elapsed time.",
+              "", "| task | training examples | evaluation examples | epochs | runs | run time, summed (min) | note |",
+              "|---|---|---|---|---|---|---|"]
+    total_s, jobs = 0.0, set()
     for t in tasks:
         r = next(r for v in table.values() for r in v.get(t, {}).values())
         cfg = r["config"]
         limit = cfg["data"].get("max_train_samples")
+        runs = [r for v in table.values() for r in v.get(t, {}).values()]
+        runs += [r for by_lr in selections[t].values() for rs in by_lr.values() for r in rs]
+        seconds = sum(r.get("wall_time_s") or 0.0 for r in runs)
+        total_s += seconds
+        jobs |= {r["bench"].get("parallel_runs", 1) for r in runs}
         lines.append(f"| {glue_name(t)} | {'first ' + str(limit) if limit else 'all'} | {r['final']['n']} | "
-                     f"{cfg['train']['epochs']:g} | {'subsampled, the same for every method' if limit else ''} |")
+                     f"{cfg['train']['epochs']:g} | {len(runs)} | {seconds / 60:.1f} | "
+                     f"{'subsampled, the same for every method' if limit else ''} |")
+    if len(jobs) == 1:
+        (n,) = jobs
+        lines += ["", f"All tasks: {total_s / 3600:.1f} h of run time summed; with {n} run(s) side by side, about "
+                      f"{total_s / 3600 / n:.1f} h elapsed."]
     versions = sorted({json.dumps(r["versions"], sort_keys=True) for v in table.values() for by_seed in v.values()
                        for r in by_seed.values()})
     lines += ["", "## Package versions", ""] + ["- " + ", ".join(f"{k} {val}" for k, val in json.loads(v).items())
