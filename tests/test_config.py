@@ -106,6 +106,7 @@ def test_shipped_configs_exist():
         ({"data": {"dev_fraction": 1.0}}, "data.dev_fraction"),
         ({"data": {"dev_fraction": 0}}, "data.dev_fraction"),
         ({"data": {"dev_seed": -1}}, "data.dev_seed"),
+        ({"data": {"prompt_style": "t5-paper"}}, "data.prompt_style"),
         ({"select": {"lr": []}}, "select.lr"),
         ({"select": {"lr": [1e-3, "fast"]}}, "select.lr"),
         ({"select": {"lr": [1e-3, 0.0]}}, "select.lr"),

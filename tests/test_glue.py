@@ -11,6 +11,7 @@ from conftest import GLUE_WORDS, saved, tiny_bert, tiny_gpt2, tiny_t5, word_toke
 
 from adarank import DataError, ModelError, RunConfig, decode_score, get_task
 from adarank.data import dev_split, load_split, tokenize
+from adarank.metrics import decode_label
 from adarank.tasks import format_score
 from adarank.train import Run, train
 
@@ -66,6 +67,26 @@ def test_t5_format_every_task(task, t5_glue_tok):
     if spec.regression:
         assert [t5_glue_tok.decode(e["labels"], skip_special_tokens=True) for e in out] == [
             "0.0", "2.4", "3.8", "5.0", "5.0"]
+
+
+def test_mrpc_in_the_t5_papers_format_on_request():
+    """`data.prompt_style: t5`: MRPC's prompt and targets as the T5 paper writes them (the default keeps
+    the original notebook's); the other tasks are the T5 paper's either way."""
+    tok = word_tokenizer("t5", ("mrpc", "sentence1", "sentence2", "paraphrase", "equivalent", "not",
+                                "not_equivalent", "a", "b", "c", "d"))
+    rows = [{"sentence1": "a b", "sentence2": "c d", "label": y} for y in (0, 1)]
+    expected = {"original": ("mrpc sentence1 : a b sentence2 : c d paraphrase :", ["not equivalent", "equivalent"]),
+                "t5": ("mrpc sentence1 : a b sentence2 : c d", ["not_equivalent", "equivalent"])}
+    for style, (prompt, targets) in expected.items():
+        spec = get_task("mrpc", style)
+        out = tokenize(rows, spec, tok, "seq2seq", max_length=64, max_target_length=8)
+        assert [tok.decode(ex["input_ids"], skip_special_tokens=True) for ex in out] == [prompt, prompt]
+        assert [tok.decode(ex["labels"], skip_special_tokens=True) for ex in out] == targets
+        assert [decode_label(t, spec.target_words) for t in targets] == [0, 1]
+    for task in TASKS[1:]:
+        assert get_task(task, "t5") == get_task(task)
+    with pytest.raises(ValueError, match=r"data\.prompt_style must be one of \['original', 't5'\], got 'T5'"):
+        get_task("mrpc", "T5")
 
 
 def test_stsb_rows_are_checked_and_split_by_score(tmp_path):

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from .tasks import PROMPT_STYLES
+
 CRITERIA = ("plateau", "significance", "fixed", "threshold")
 STRATEGIES = ("merge", "expand", "masked")  # surgery.STRATEGIES holds their objects
 # transformers schedules our loop can use (SchedulerType values that take only the step)
@@ -188,7 +190,9 @@ class DataConfig:
     "dev" - the development split: a fixed, stratified `dev_fraction` of the training split (drawn with
     `dev_seed`, the same for every method and run seed) is held out and evaluated on, the rest is trained
     on. Settings are chosen on "dev"; reported scores come from "validation". Test splits are never read.
-    max_train_samples / max_eval_samples: keep the first N examples (for quick runs)."""
+    max_train_samples / max_eval_samples: keep the first N examples (for quick runs). prompt_style: the
+    text-to-text format (T5, decoder-only LMs) - "original": the T5 paper's prompts and targets, MRPC's as
+    the original notebook wrote them; "t5": the T5 paper's for every task, MRPC included."""
 
     task: str = "mrpc"
     data_dir: str | None = None
@@ -197,8 +201,11 @@ class DataConfig:
     dev_seed: int = 0
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    prompt_style: str = "original"
 
     def __post_init__(self) -> None:
+        if self.prompt_style not in PROMPT_STYLES:
+            raise ConfigError(f"data.prompt_style must be one of {list(PROMPT_STYLES)}, got {self.prompt_style!r}")
         for name in ("max_train_samples", "max_eval_samples"):
             if getattr(self, name) is not None:
                 _check_int(self, name, minimum=1, section="data")

@@ -2,15 +2,17 @@
 metrics GLUE scores the task by.
 
 A new classification task is one more `TaskSpec` entry, no code. Text-to-text prompts and targets are
-the T5 paper's (`<task> sentence1: ... sentence2: ...`, the label name as the target), except MRPC's,
-which is the original notebook's exactly: `mrpc sentence1: {sentence1} sentence2: {sentence2}
-paraphrase:` -> "equivalent" / "not equivalent". STS-B is regression: a similarity score in [0, 5]; as
-text, the score rounded to the nearest 0.2 and written with one decimal ("3.8"), as in the T5 paper.
+the T5 paper's (`<task> sentence1: ... sentence2: ...`, the label name as the target), except MRPC's by
+default, which is the original notebook's exactly: `mrpc sentence1: {sentence1} sentence2: {sentence2}
+paraphrase:` -> "equivalent" / "not equivalent", so that results compare with the original's;
+`data.prompt_style: t5` gives the T5 paper's for MRPC too (T5_PAPER). STS-B is regression: a similarity
+score in [0, 5]; as text, the score rounded to the nearest 0.2 and written with one decimal ("3.8"), as in
+the T5 paper.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,23 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
-def get_task(name: str) -> TaskSpec:
+# The T5 paper's text-to-text format where the default (the original notebook's) differs: (prompt, targets).
+T5_PAPER: dict[str, tuple[str, tuple[str, ...]]] = {
+    "mrpc": ("mrpc sentence1: {sentence1} sentence2: {sentence2}", ("not_equivalent", "equivalent")),
+}
+PROMPT_STYLES = ("original", "t5")
+
+
+def get_task(name: str, prompt_style: str = "original") -> TaskSpec:
+    """The task's spec; `prompt_style` "t5" swaps in the T5 paper's prompt and targets where the default
+    differs (MRPC)."""
     try:
-        return TASKS[name]
+        spec = TASKS[name]
     except KeyError:
         raise ValueError(f"data.task: unknown task {name!r}; known: {sorted(TASKS)}") from None
+    if prompt_style not in PROMPT_STYLES:
+        raise ValueError(f"data.prompt_style must be one of {list(PROMPT_STYLES)}, got {prompt_style!r}")
+    if prompt_style == "t5" and name in T5_PAPER:
+        prompt, targets = T5_PAPER[name]
+        spec = replace(spec, prompt=prompt, target_words=targets)
+    return spec

@@ -104,7 +104,7 @@ class Run:
         self.out = tc.output_dir
         check_launch_env()
         self.out_mode = check_output_dir(self.out, resume=resume, overwrite=overwrite)
-        self.task = get_task(cfg.data.task)
+        self.task = get_task(cfg.data.task, cfg.data.prompt_style)
         self.accelerator = Accelerator(mixed_precision=resolve_mixed_precision(tc.mixed_precision),
                                        gradient_accumulation_steps=tc.grad_accum_steps, cpu=use_cpu())
         check_processes(self.accelerator)
