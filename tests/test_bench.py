@@ -362,6 +362,17 @@ def test_glue_bench_runs_each_task_and_reports_the_glue_table(tmp_path, capsys):
     files += [results / "stsb" / "select" / f for f in os.listdir(results / "stsb" / "select")]
     stsb_row = next(line for line in text.splitlines() if line.startswith("| STS-B | first 40 |")).split(" | ")
     assert stsb_row[4:6] == [str(len(files)), f"{sum(json.load(open(f))['wall_time_s'] for f in files) / 60:.1f}"]
+    every = [f for t in ("mrpc", "stsb") for d in (results / t, results / t / "select") for f in d.glob("*.json")]
+    hours = sum(json.load(open(f))["wall_time_s"] for f in every) / 3600
+    assert f"All tasks: {hours:.1f} h of run time summed; with 1 run(s) side by side, about {hours:.1f} h elapsed." in text
+
+    # a results file without the headline score: one line naming it, not a traceback
+    bad = results / "mrpc" / "lora_r2__seed0.json"
+    res = json.load(open(bad))
+    del res["final"]["score"]
+    bad.write_text(json.dumps(res))
+    assert main(["report", str(results), "--out", str(out_md)]) == 2
+    assert f"{bad}: no final.score" in capsys.readouterr().err
 
 
 def test_task_overrides_read_the_suites_tasks_file(tmp_path):

@@ -34,6 +34,10 @@ def glue_table(results_dir: str) -> tuple[list[str], dict[str, dict[str, dict[in
     for task in tasks:
         for method, runs in load_results(os.path.join(results_dir, task)).items():
             for r in runs:
+                if not isinstance(r["final"].get("score"), (int, float)):
+                    name = f"{method}__seed{r['bench'].get('seed')}.json"
+                    raise ValueError(f"{os.path.join(results_dir, task, name)}: no final.score (the task's GLUE "
+                                     "headline score); rerun it with this version of adarank")
                 table[method][task][r["bench"]["seed"]] = r
     return tasks, {m: dict(v) for m, v in table.items()}
 
@@ -122,8 +126,10 @@ def markdown(results_dir: str, shown: str, command: str | None) -> str:
             lines.append(f"| {m} | " + " | ".join(selection_cells(by_lr, grid, used)) + " |")
         lines.append("")
     lines += ["## Data and run time per task", "",
-              "Run time: the runs' wall-clock times summed, selection runs included; each was measured while the "
-              "bench ran `--jobs` runs side by side, so the sum divided by that number approximates the elapsed time.",
+              "Run time: each run's wall-clock time from the start of its training to its results (process start-up "
+              "and model loading, seconds per run, not included), summed over the task's runs, selection runs "
+              "included. Each run was timed while the bench ran `--jobs` runs side by side, so the sum divided by "
+              "that number approximates the elapsed time.",
               "", "| task | training examples | evaluation examples | epochs | runs | run time, summed (min) | note |",
               "|---|---|---|---|---|---|---|"]
     total_s, jobs = 0.0, set()
@@ -139,10 +145,11 @@ def markdown(results_dir: str, shown: str, command: str | None) -> str:
         lines.append(f"| {glue_name(t)} | {'first ' + str(limit) if limit else 'all'} | {r['final']['n']} | "
                      f"{cfg['train']['epochs']:g} | {len(runs)} | {seconds / 60:.1f} | "
                      f"{'subsampled, the same for every method' if limit else ''} |")
+    total = f"All tasks: {total_s / 3600:.1f} h of run time summed"
     if len(jobs) == 1:
         (n,) = jobs
-        lines += ["", f"All tasks: {total_s / 3600:.1f} h of run time summed; with {n} run(s) side by side, about "
-                      f"{total_s / 3600 / n:.1f} h elapsed."]
+        total += f"; with {n} run(s) side by side, about {total_s / 3600 / n:.1f} h elapsed"
+    lines += ["", total + "."]
     versions = sorted({json.dumps(r["versions"], sort_keys=True) for v in table.values() for by_seed in v.values()
                        for r in by_seed.values()})
     lines += ["", "## Package versions", ""] + ["- " + ", ".join(f"{k} {val}" for k, val in json.loads(v).items())
