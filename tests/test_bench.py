@@ -9,7 +9,8 @@ import pytest
 from conftest import saved, tiny_bert, tiny_t5
 
 from adarank import ConfigError
-from adarank.bench import QUICK_OVERRIDES, Job, choose_lr, extension_jobs, plan, rate_beyond, run_bench
+from adarank.bench import (QUICK_OVERRIDES, Job, choose_lr, extension_jobs, plan, rate_beyond, run_bench,
+                           unused_selection_files)
 from adarank.bench_report import (best_fixed_rank, compare, frontier_lines, load_results, mean_std, regenerate_command,
                                    summarize, write_report)
 from adarank.cli import main
@@ -287,6 +288,39 @@ def test_a_best_rate_at_the_grids_edge_extends_the_grid_one_rate_at_a_time(tmp_p
     assert ("lora", 0.0003) in asked() and choose_lr(str(results), str(suite / "lora.yaml"), [])[0] is None
     with pytest.raises(ConfigError, match="select.extend must be an integer >= 0"):
         load_config(str(suite / "lora.yaml"), ["select.extend=-1"])
+
+
+def test_selection_files_outside_the_grid_as_it_stands_are_found(tmp_path, bert_tok):
+    """A rate an earlier config or an earlier extension ran, or a seed no longer selected with, is not part
+    of the choice; the bench sets such files aside so that the report does not show them beside it."""
+    base = saved(tiny_bert(vocab_size=len(bert_tok)), bert_tok, tmp_path / "bert")
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    for name in ("lora", "lora_r3"):  # a method name that is the start of another's
+        (suite / f"{name}.yaml").write_text(f"model: {{name_or_path: '{base}'}}\nmethod: {{name: lora}}\n"
+                                            "select: {lr: [0.001, 0.003], seeds: [0], extend: 1}\n")
+    results = tmp_path / "results"
+    (results / "select").mkdir(parents=True)
+
+    def write(method, lr, score, seed=0, epochs=None):
+        job = Job(method, seed, str(suite / f"{method}.yaml"), ["data.eval_split=dev", f"train.lr={lr!r}"], lr)
+        extra = [f"train.epochs={epochs}"] if epochs else []
+        cfg = load_config(job.config, job.overrides + [f"train.seed={seed}"] + extra).to_dict()
+        path = results / f"{job.key}.json"
+        path.write_text(json.dumps({"config": cfg, "final": {"score": score, "eval_loss": 0.5}}))
+        return str(path)
+
+    reported = plan(str(suite), [0], None, False, [])
+    write("lora", 0.001, 0.5)
+    write("lora", 0.003, 0.7)
+    assert unused_selection_files(reported, str(results)) == []  # incomplete (0.01 is asked for): nothing yet
+    write("lora", 0.01, 0.6)  # the inner rate wins: the grid is 0.001, 0.003, 0.01
+    old_rate = write("lora", 0.0001, 0.9, epochs=7)  # an earlier config's extension, below the grid
+    other_seed = write("lora", 0.003, 0.9, seed=5)
+    for lr, score in ((0.001, 0.8), (0.003, 0.4), (0.0003, 0.3)):  # lora_r3: best at 0.001, edge, 0.0003 added
+        write("lora_r3", lr, score)
+    assert unused_selection_files(reported, str(results)) == [old_rate, other_seed]
+    assert choose_lr(str(results), str(suite / "lora.yaml"), [])[0] == 0.003
 
 
 def test_bench_runs_the_rate_beyond_the_edge_and_uses_the_choice(tmp_path, glue_dir, bert_tok):

@@ -220,6 +220,28 @@ def extension_jobs(jobs: list[Job], results_dir: str) -> list[Job]:
     return sorted(out, key=lambda j: j.seed)
 
 
+def unused_selection_files(jobs: list[Job], results_dir: str) -> list[str]:
+    """Selection results files of the methods among `jobs` whose selection is complete but that are not
+    part of it: a rate outside its grid as it now stands (an earlier config's rate, or a rate an earlier
+    `select.extend` added that the current results no longer call for), or a seed outside `select.seeds`.
+    Left in place, the report would show them beside the rates the choice was made from."""
+    sel_dir = os.path.join(results_dir, "select")
+    if not os.path.isdir(sel_dir):
+        return []
+    names = sorted(os.listdir(sel_dir))
+    out = []
+    for job in _one_per_method(jobs):
+        best, _, grid = selection_state(results_dir, job.config, job.overrides)
+        if best is None:  # incomplete: its runs are still to come (stale ones are set aside as they rerun)
+            continue
+        seeds = load_config(job.config, job.overrides).select.seeds
+        used = {selection_job(job.method, job.config, job.overrides, seed, lr).key + ".json"
+                for lr in grid for seed in seeds}
+        out += [os.path.join(sel_dir, n) for n in names
+                if n.startswith(f"{job.method}__lr") and n.endswith(".json") and f"select/{n}" not in used]
+    return out
+
+
 def _command(job: Job, run_dir: str, data_dir: str | None, force: bool = False) -> list[str]:
     """The `adarank train` command of a job. A run directory left by an earlier, unfinished attempt is
     resumed from its checkpoint when its config is the job's; otherwise (or with --force) it is replaced."""
@@ -341,6 +363,8 @@ def run_bench(
         while todo := [j for j in extension_jobs(reported, results_dir) if j.key not in tried]:
             tried.update(j.key for j in todo)
             pool.run(todo)
+        for path in unused_selection_files(reported, results_dir):
+            _set_aside(path, log, "is not among the selection runs the choice is made from")
     chosen, finals = {}, []
     for job in reported:
         lr, _ = (None, {}) if quick or job.method == "zero_shot" else choose_lr(results_dir, job.config, job.overrides)
@@ -447,11 +471,11 @@ def _diverged(run_dir: str) -> bool:
         return False
 
 
-def _set_aside(path: str, log) -> None:
+def _set_aside(path: str, log, why: str = "was made with another config or learning rate") -> None:
     """Rename a results file that is no longer current to `<name>.stale` (kept, never read as a result)."""
     if os.path.exists(path):
         os.replace(path, path + ".stale")
-        log(f"bench: {path} was made with another config or learning rate; set aside as {os.path.basename(path)}.stale")
+        log(f"bench: {path} {why}; set aside as {os.path.basename(path)}.stale")
 
 
 def _results_state(path: str, job: Job) -> str:
