@@ -137,11 +137,11 @@ def markdown(results_dir: str, shown: str, command: str | None) -> str:
         r = next(r for v in table.values() for r in v.get(t, {}).values())
         cfg = r["config"]
         limit = cfg["data"].get("max_train_samples")
-        runs = [r for v in table.values() for r in v.get(t, {}).values()]
-        runs += [r for by_lr in selections[t].values() for rs in by_lr.values() for r in rs]
-        seconds = sum(r.get("wall_time_s") or 0.0 for r in runs)
+        runs = [run for v in table.values() for run in v.get(t, {}).values()]
+        runs += [run for by_lr in selections[t].values() for rs in by_lr.values() for run in rs]
+        seconds = sum(run.get("wall_time_s") or 0.0 for run in runs)
         total_s += seconds
-        jobs |= {r["bench"].get("parallel_runs", 1) for r in runs}
+        jobs |= {run["bench"].get("parallel_runs", 1) for run in runs}
         lines.append(f"| {glue_name(t)} | {'first ' + str(limit) if limit else 'all'} | {r['final']['n']} | "
                      f"{cfg['train']['epochs']:g} | {len(runs)} | {seconds / 60:.1f} | "
                      f"{'subsampled, the same for every method' if limit else ''} |")
