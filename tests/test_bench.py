@@ -286,8 +286,10 @@ def test_a_best_rate_at_the_grids_edge_extends_the_grid_one_rate_at_a_time(tmp_p
     assert choose_lr(str(results), str(suite / "lora.yaml"), [])[0] == 0.01
     write("lora", 0.001, 0.95)  # now the lower edge wins: the next rate below is asked for
     assert ("lora", 0.0003) in asked() and choose_lr(str(results), str(suite / "lora.yaml"), [])[0] is None
-    with pytest.raises(ConfigError, match="select.extend must be an integer >= 0"):
+    with pytest.raises(ConfigError, match=r"select\.extend must be >= 0, got -1"):
         load_config(str(suite / "lora.yaml"), ["select.extend=-1"])
+    with pytest.raises(ConfigError, match=r"select\.extend must be an integer, got 'two'"):
+        load_config(str(suite / "lora.yaml"), ["select.extend=two"])
 
 
 def test_selection_files_outside_the_grid_as_it_stands_are_found(tmp_path, bert_tok):

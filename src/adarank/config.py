@@ -357,8 +357,7 @@ class SelectConfig:
             raise ConfigError(f"select.seeds must be a non-empty list of integers, got {self.seeds!r}")
         if self.metric not in SELECT_METRICS:
             raise ConfigError(f"select.metric must be one of {list(SELECT_METRICS)}, got {self.metric!r}")
-        if not isinstance(self.extend, int) or isinstance(self.extend, bool) or self.extend < 0:
-            raise ConfigError(f"select.extend must be an integer >= 0, got {self.extend!r}")
+        _check_int(self, "extend", minimum=0, section="select")
 
 
 SELECT_METRICS = ("score", "accuracy", "f1_macro", "mcc", "pearson", "spearman")
